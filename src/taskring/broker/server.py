@@ -1,0 +1,668 @@
+"""The broker: one ROUTER socket, one thread, one SQLite transaction per loop turn.
+
+Each turn of `poll_once` reads a batch of messages, applies all of them
+inside one transaction, runs the timers (dead workers, unclaimed leases),
+dispatches queued tasks to workers with credit, commits, and only then sends
+what the turn produced: acknowledgements, replies and TASK messages. A crash
+anywhere before the commit leaves nothing acknowledged that is not in the
+log, and nothing dispatched under a lease the log does not know.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import zmq
+
+from taskring import __version__
+from taskring import protocol as p
+from taskring.broker.hashring import HashRing
+from taskring.broker.jobs import Job, Lease, TaskQueue
+from taskring.broker.registry import WorkerState
+from taskring.broker.settings import BrokerSettings
+from taskring.broker.store import Store, wall_clock
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[p.Envelope, float, float], None]
+
+COMPLAINT_INTERVAL_S = 10.0  # one log line per misbehaving peer per interval
+
+
+class Broker:
+    def __init__(
+        self, settings: BrokerSettings, *, context: zmq.Context[Any] | None = None
+    ) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.store = Store(settings.db_path, synchronous=settings.synchronous)
+        self._own_context = context is None
+        self.context: zmq.Context[Any] = context or zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # A worker keeps its routing id across reconnects; without handover
+        # libzmq would refuse the new pipe while it still holds the old one.
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        self.socket.bind(settings.endpoint)
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+
+        self.ring = HashRing()
+        self.workers: dict[str, WorkerState] = {}
+        self.leases: dict[int, Lease] = {}  # every running task, by id
+        self.orphans: dict[int, Lease] = {}  # leases loaded at start, not yet reclaimed
+        self.queue = TaskQueue(settings.queue_window, self._load_queued)
+        self.parked: dict[str, collections.deque[Job]] = {}  # keyed jobs awaiting their owner
+        self.watchers: dict[int, set[bytes]] = {}
+        self.names = self.store.known_names()
+        self.started = time.monotonic()
+        self._outbox: list[list[bytes]] = []
+        self._notices: dict[bytes, list[dict[str, Any]]] = {}
+        self._new_leases: list[tuple[int, int, str]] = []
+        self._successes: list[tuple[int, int, str, bytes | None]] = []
+        self._complaints: dict[bytes, float] = {}
+        self._stop = threading.Event()
+        self._handlers: dict[tuple[bytes, bytes], Handler] = {
+            (p.PROTOCOL_CLIENT, p.SUBMIT): self._on_submit,
+            (p.PROTOCOL_CLIENT, p.GET): self._on_get,
+            (p.PROTOCOL_CLIENT, p.STATUS): self._on_status,
+            (p.PROTOCOL_CLIENT, p.TASKS): self._on_tasks,
+            (p.PROTOCOL_CLIENT, p.HISTORY): self._on_history,
+            (p.PROTOCOL_WORKER, p.READY): self._on_ready,
+            (p.PROTOCOL_WORKER, p.HEARTBEAT): self._on_heartbeat,
+            (p.PROTOCOL_WORKER, p.RESULT): self._on_result,
+            (p.PROTOCOL_WORKER, p.CHECKPOINT): self._on_checkpoint,
+            (p.PROTOCOL_WORKER, p.DISCONNECT): self._on_disconnect,
+        }
+        self._recover(time.monotonic())
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _recover(self, now: float) -> None:
+        """Leases in the log wait one liveness window for their worker to claim them."""
+        deadline = now + self.settings.expiry_s
+        for row in self.store.running():
+            lease = Lease(_job(row), row["worker"] or "", dseq=0, orphan_deadline=deadline)
+            self.leases[lease.job.id] = lease
+            self.orphans[lease.job.id] = lease
+        if self.orphans:
+            log.info("%d running tasks wait for their workers to re-register", len(self.orphans))
+
+    def _load_queued(self, after_id: int, limit: int) -> list[Job]:
+        return [_job(row) for row in self.store.queued(after_id, limit)]
+
+    def stop(self) -> None:
+        """Ask `run` to return after the current turn (thread-safe)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self._own_context:
+            self.context.term()
+        self.store.close()
+
+    # ------------------------------------------------------------ the loop
+
+    def poll_once(self, now: float | None = None, timeout_s: float | None = None) -> int:
+        """One turn: read, apply in one transaction, commit, then send. Returns messages read."""
+        if timeout_s is None:
+            timeout_s = self._until_next_timer(time.monotonic() if now is None else now)
+        ready = self.poller.poll(max(0, int(timeout_s * 1000)))
+        messages: list[list[bytes]] = []
+        if ready:
+            recv, flags = self.socket.recv_multipart, zmq.NOBLOCK
+            for _ in range(self.settings.max_messages_per_turn):
+                try:
+                    messages.append(recv(flags))
+                except zmq.Again:
+                    break
+        now = time.monotonic() if now is None else now
+        wall = wall_clock()
+        with self.store.turn():
+            for parts in messages:
+                self._handle(parts, now, wall)
+            self._expire(now, wall)
+            self._dispatch(wall)
+            self._flush_writes(wall)
+        self._send_all(now)
+        return len(messages)
+
+    def _until_next_timer(self, now: float) -> float:
+        hb = self.settings.heartbeat_s
+        due = now + hb
+        for worker in self.workers.values():
+            due = min(due, worker.last_sent + hb, worker.last_heard + self.settings.expiry_s)
+        for lease in self.orphans.values():
+            due = min(due, lease.orphan_deadline or due)
+        return max(0.0, due - now)
+
+    def _handle(self, parts: list[bytes], now: float, wall: float) -> None:
+        identity = parts[0] if parts else b""
+        try:
+            envelope = p.open_envelope(parts, self.limits)
+        except p.ProtocolError as e:
+            reply_protocol = parts[1] if len(parts) > 1 else b""
+            if reply_protocol not in (p.PROTOCOL_CLIENT, p.PROTOCOL_WORKER):
+                reply_protocol = p.PROTOCOL_CLIENT
+            self._reject(identity, reply_protocol, None, e, now)
+            return
+        if envelope.protocol == p.PROTOCOL_WORKER:
+            worker = self.workers.get(_name(identity))
+            if worker is not None:
+                worker.last_heard = now
+        try:
+            self._handlers[(envelope.protocol, envelope.command)](envelope, now, wall)
+        except p.ProtocolError as e:
+            seq = envelope.body.get("seq")
+            seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+            self._reject(identity, envelope.protocol, seq, e, now)
+
+    def _reject(
+        self, identity: bytes, protocol: bytes, seq: int | None, error: p.ProtocolError, now: float
+    ) -> None:
+        if now - self._complaints.get(identity, -COMPLAINT_INTERVAL_S) >= COMPLAINT_INTERVAL_S:
+            if len(self._complaints) > 10_000:
+                self._complaints.clear()  # bounded memory under a flood of identities
+            self._complaints[identity] = now
+            log.warning("rejected message from %r: %s (%s)", identity[:32], error, error.code)
+        self._outbox.append(
+            [identity, protocol, p.ERROR, p.pack(p.error_body(seq, error.code, error.message))]
+        )
+
+    def _reply(self, identity: bytes, body: Mapping[str, Any]) -> None:
+        self._outbox.append([identity, p.PROTOCOL_CLIENT, p.REPLY, p.pack(body)])
+
+    def _to_worker(self, worker: WorkerState, command: bytes, body: Mapping[str, Any]) -> None:
+        self._outbox.append([worker.identity, p.PROTOCOL_WORKER, command, p.pack(body)])
+
+    def _send_all(self, now: float) -> None:
+        send = self.socket.send_multipart
+        for frames in self._outbox:
+            send(frames, copy=False)
+        self._outbox.clear()
+        for identity, views in self._notices.items():
+            for start in range(0, len(views), self.limits.max_batch):
+                body = {"tasks": views[start : start + self.limits.max_batch]}
+                send([identity, p.PROTOCOL_CLIENT, p.NOTIFY, p.pack(body)], copy=False)
+        self._notices.clear()
+        heartbeat = [p.PROTOCOL_WORKER, p.HEARTBEAT, p.pack({})]
+        for worker in self.workers.values():
+            if now - worker.last_sent >= self.settings.heartbeat_s:
+                send([worker.identity, *heartbeat])
+                worker.last_sent = now
+
+    # ------------------------------------------------------------ clients
+
+    def _on_submit(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        request = p.decode_submit(envelope.body, self.limits)
+        unknown = sorted({t.name for t in request.tasks} - self.names.keys())
+        if unknown and request.strict:
+            raise p.ProtocolError(
+                p.E_UNKNOWN_TASK,
+                f"no worker has registered {', '.join(unknown)}; known tasks: "
+                f"{', '.join(sorted(self.names)) or 'none yet'}",
+            )
+        client = envelope.identity.hex()
+        earlier = self.store.find_request(client, request.seq)
+        keys = {t.idempotency_key for t in request.tasks if t.idempotency_key is not None}
+        by_key = self.store.find_idempotency_keys(keys) if keys else {}
+        ids: list[int] = []
+        rows = []
+        jobs = []
+        for index, new in enumerate(request.tasks):
+            if index in earlier:  # a resend: the first copy was committed
+                ids.append(earlier[index])
+                continue
+            if new.idempotency_key in by_key:
+                ids.append(by_key[new.idempotency_key])  # type: ignore[index]
+                continue
+            task_id = self.store.allocate_id()
+            max_attempts = (
+                new.max_attempts or self.names.get(new.name) or self.settings.default_max_attempts
+            )
+            rows.append(
+                (
+                    task_id,
+                    new.name,
+                    new.payload,
+                    new.key,
+                    max_attempts,
+                    client,
+                    request.seq,
+                    index,
+                    new.idempotency_key,
+                )
+            )
+            jobs.append(
+                Job(task_id, new.name, new.payload, new.key, 0, max_attempts, None, 0, wall)
+            )
+            if new.idempotency_key is not None:
+                by_key[new.idempotency_key] = task_id
+            ids.append(task_id)
+        if rows:
+            self.store.insert_tasks(rows, wall)
+            for job in jobs:
+                self.queue.add_new(job)
+        reply: dict[str, Any] = {"seq": request.seq, "ids": ids, "unknown": unknown}
+        if unknown:
+            reply["known"] = sorted(self.names)
+        self._reply(envelope.identity, reply)
+        if request.watch:
+            fresh = {job.id for job in jobs}
+            self._watch(envelope.identity, [i for i in ids if i not in fresh], fresh)
+
+    def _watch(self, identity: bytes, ids: list[int], fresh: set[int]) -> None:
+        """Register for NOTIFY; tasks already final are announced right away."""
+        for task_id in fresh:
+            self.watchers.setdefault(task_id, set()).add(identity)
+        if not ids:
+            return
+        views = self.store.views(ids)
+        for task_id in ids:
+            row = views.get(task_id)
+            if row is None:
+                continue
+            if row["state"] in p.FINAL_STATES:
+                self._notices.setdefault(identity, []).append(p.task_view(row))
+            else:
+                self.watchers.setdefault(task_id, set()).add(identity)
+
+    def _on_get(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        request = p.decode_get(envelope.body, self.limits)
+        views = self.store.views(request.ids)
+        tasks = [p.task_view(views[i]) if i in views else None for i in request.ids]
+        self._reply(envelope.identity, {"seq": request.seq, "tasks": tasks})
+        if request.watch:
+            for view in tasks:
+                if view is not None and view["state"] not in p.FINAL_STATES:
+                    self.watchers.setdefault(view["id"], set()).add(envelope.identity)
+
+    def _on_status(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        request = p.decode_status(envelope.body, self.limits)
+        shares = self.ring.shares()
+        workers = [
+            {
+                "name": w.name,
+                "host": w.host,
+                "pid": w.pid,
+                "pool": w.pool,
+                "capacity": w.capacity,
+                "load": len(w.leases),
+                "share": shares.get(w.name, 0.0),
+                "tasks": sorted(w.tasks),
+                "last_seen_s": round(now - w.last_heard, 3),
+            }
+            for w in sorted(self.workers.values(), key=lambda w: w.name)
+        ]
+        broker = {
+            "version": __version__,
+            "uptime_s": round(now - self.started, 3),
+            "db": self.store.path,
+            "endpoint": self.endpoint,
+            "orphaned_leases": len(self.orphans),
+        }
+        states = self.store.count_by_state()
+        self._reply(
+            envelope.identity,
+            {"seq": request.seq, "workers": workers, "states": states, "broker": broker},
+        )
+
+    def _on_tasks(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        request = p.decode_tasks(envelope.body, self.limits)
+        rows = self.store.list_tasks(request.state, request.name, request.limit, request.before_id)
+        self._reply(
+            envelope.identity, {"seq": request.seq, "tasks": [p.task_view(r) for r in rows]}
+        )
+
+    def _on_history(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        request = p.decode_history(envelope.body, self.limits)
+        row = self.store.views([request.id]).get(request.id)
+        events = [dict(e) for e in self.store.history(request.id)] if row else []
+        self._reply(
+            envelope.identity,
+            {"seq": request.seq, "task": p.task_view(row) if row else None, "events": events},
+        )
+
+    # ------------------------------------------------------------ workers
+
+    def _on_ready(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        request = p.decode_ready(envelope.body, self.limits)
+        name = _name(envelope.identity)
+        previous = self.workers.pop(name, None)
+        if previous is not None:
+            self.ring.remove(name)
+        worker = WorkerState(
+            name=name,
+            identity=envelope.identity,
+            capacity=request.capacity,
+            tasks=dict(request.tasks),
+            host=request.host,
+            pid=request.pid,
+            pool=request.pool,
+            last_heard=now,
+            last_sent=now,
+            registered_at=now,
+        )
+        self.workers[name] = worker
+        self.ring.add(name, weight=request.capacity)
+        if any(self.names.get(n) != m for n, m in request.tasks.items()):
+            self.store.remember_names(request.tasks, wall)
+            self.names.update(request.tasks)
+        held = set(request.held)
+        claimable = list(previous.leases.values()) if previous else []
+        claimable += [lease for lease in self.orphans.values() if lease.worker == name]
+        for lease in claimable:
+            job = lease.job
+            if (job.id, job.attempt) in held:
+                self.orphans.pop(job.id, None)
+                lease.orphan_deadline = None
+                lease.dseq = 0
+                worker.leases[job.id] = lease
+                self.store.event(job.id, "adopted", job.attempt, name, None, wall)
+            else:
+                self._lease_lost(lease, f"worker {name} re-registered without it", wall)
+        log.info(
+            "worker %s registered (capacity %d, %d tasks re-adopted)",
+            name,
+            request.capacity,
+            len(worker.leases),
+        )
+        self._to_worker(
+            worker,
+            p.WELCOME,
+            {
+                "seq": request.seq,
+                "heartbeat_ms": int(self.settings.heartbeat_s * 1000),
+                "liveness": self.settings.liveness,
+            },
+        )
+        worker.last_sent = now
+        self._unpark_all()
+
+    def _on_heartbeat(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        beat = p.decode_worker_heartbeat(envelope.body, self.limits)
+        worker = self._registered(envelope.identity, now)
+        if worker is None:
+            return
+        held = set(beat.held)
+        for lease in list(worker.leases.values()):
+            # The worker has seen the TASK that carried this lease, yet does
+            # not hold it: the message was lost in a reconnect.
+            if 0 < lease.dseq <= beat.dseq and (lease.job.id, lease.job.attempt) not in held:
+                self._lease_lost(lease, "lease lost in transit", wall)
+
+    def _on_result(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        request = p.decode_result(envelope.body, self.limits)
+        name = _name(envelope.identity)
+        stale = []
+        for outcome in request.results:
+            lease = self._current(outcome.id, outcome.attempt, name)
+            if lease is None:
+                if self._refuse(outcome.id, outcome.attempt, name, "result", wall):
+                    stale.append(outcome.id)
+                continue
+            self._apply(lease, outcome, wall)
+        self._ack(envelope.identity, request.seq, stale)
+        self._registered(envelope.identity, now)
+
+    def _on_checkpoint(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        request = p.decode_checkpoint(envelope.body, self.limits)
+        name = _name(envelope.identity)
+        lease = self._current(request.id, request.attempt, name)
+        stale = []
+        if lease is None:
+            if self._refuse(request.id, request.attempt, name, "checkpoint", wall):
+                stale.append(request.id)
+        elif request.number > lease.job.checkpoint_no:  # equal: a resend, already applied
+            job = lease.job
+            self.store.checkpoint(job.id, job.attempt, name, request.number, request.state, wall)
+            job.checkpoint, job.checkpoint_no = request.state, request.number
+        self._ack(envelope.identity, request.seq, stale)
+        self._registered(envelope.identity, now)
+
+    def _on_disconnect(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        request = p.decode_worker_disconnect(envelope.body, self.limits)
+        worker = self.workers.get(_name(envelope.identity))
+        if worker is not None:
+            self._remove_worker(worker, f"worker {worker.name} left: {request.reason}", wall)
+
+    def _registered(self, identity: bytes, now: float) -> WorkerState | None:
+        """The worker, or None after telling an unknown one to register again."""
+        worker = self.workers.get(_name(identity))
+        if (
+            worker is None
+            and now - self._complaints.get(identity, -1e9) >= self.settings.heartbeat_s
+        ):
+            self._complaints[identity] = now
+            self._outbox.append(
+                [identity, p.PROTOCOL_WORKER, p.DISCONNECT, p.pack({"reason": "unknown worker"})]
+            )
+        return worker
+
+    def _ack(self, identity: bytes, seq: int, stale: list[int]) -> None:
+        self._outbox.append(
+            [identity, p.PROTOCOL_WORKER, p.ACK, p.pack({"seq": seq, "stale": stale})]
+        )
+
+    def _current(self, task_id: int, attempt: int, worker: str) -> Lease | None:
+        lease = self.leases.get(task_id)
+        if lease is None or lease.job.attempt != attempt or lease.worker != worker:
+            return None
+        return lease
+
+    def _refuse(self, task_id: int, attempt: int, worker: str, what: str, wall: float) -> bool:
+        """Record a message of a superseded attempt; False for a duplicate or unknown task."""
+        row = self.store.outcome(task_id)
+        if row is None:
+            return True  # no such task: nothing to record it against
+        if (
+            row["attempt"] == attempt
+            and row["worker"] == worker
+            and (row["state"] in p.FINAL_STATES or what == "checkpoint")
+        ):
+            return False  # a resend of something already applied
+        current = self.leases.get(task_id)
+        detail = f"{what} of attempt {attempt} refused; task is {row['state']}"
+        if current is not None:
+            detail += f", attempt {current.job.attempt} held by {current.worker}"
+        self.store.event(task_id, "stale", attempt, worker, detail, wall)
+        return True
+
+    def _apply(self, lease: Lease, outcome: p.TaskOutcome, wall: float) -> None:
+        job = lease.job
+        self._end_lease(lease)
+        if outcome.ok:
+            self._successes.append((job.id, job.attempt, lease.worker, outcome.value))
+            self._announce(job, p.SUCCEEDED, outcome.value, None, lease.worker, wall)
+        elif outcome.retry and job.attempt < job.max_attempts:
+            self.store.requeue(job.id, job.attempt, lease.worker, outcome.error or "", wall)
+            self.queue.add_back(job)
+        else:
+            self.store.finish(
+                job.id, job.attempt, lease.worker, p.FAILED, None, outcome.error, wall
+            )
+            self._announce(job, p.FAILED, None, outcome.error, lease.worker, wall)
+
+    def _end_lease(self, lease: Lease) -> None:
+        task_id = lease.job.id
+        self.leases.pop(task_id, None)
+        self.orphans.pop(task_id, None)
+        worker = self.workers.get(lease.worker)
+        if worker is not None:
+            worker.leases.pop(task_id, None)
+
+    def _lease_lost(self, lease: Lease, reason: str, wall: float) -> None:
+        """The attempt ended without a result: retry it, or dead-letter it if attempts ran out."""
+        job = lease.job
+        self._end_lease(lease)
+        if job.attempt >= job.max_attempts:
+            error = f"{reason}; gave up after {job.attempt} of {job.max_attempts} attempts"
+            self.store.finish(job.id, job.attempt, lease.worker, p.DEAD, None, error, wall)
+            self._announce(job, p.DEAD, None, error, lease.worker, wall)
+        else:
+            self.store.requeue(job.id, job.attempt, lease.worker, reason, wall)
+            self.queue.add_back(job)
+
+    def _announce(
+        self,
+        job: Job,
+        state: str,
+        result: bytes | None,
+        error: str | None,
+        worker: str,
+        wall: float,
+    ) -> None:
+        watchers = self.watchers.pop(job.id, None)
+        if not watchers:
+            return
+        view = {
+            "id": job.id,
+            "name": job.name,
+            "state": state,
+            "key": job.key,
+            "attempt": job.attempt,
+            "max_attempts": job.max_attempts,
+            "worker": worker,
+            "result": result,
+            "error": error,
+            "created_at": job.created_at,
+            "updated_at": wall,
+        }
+        for identity in watchers:
+            self._notices.setdefault(identity, []).append(view)
+
+    # ------------------------------------------------------------ timers
+
+    def _expire(self, now: float, wall: float) -> None:
+        expiry = self.settings.expiry_s
+        for worker in [w for w in self.workers.values() if now - w.last_heard > expiry]:
+            silent = now - worker.last_heard
+            self._remove_worker(worker, f"worker {worker.name} lost (silent {silent:.1f} s)", wall)
+        for lease in [o for o in self.orphans.values() if (o.orphan_deadline or 0) <= now]:
+            self._lease_lost(lease, f"worker {lease.worker} did not return after restart", wall)
+
+    def _remove_worker(self, worker: WorkerState, reason: str, wall: float) -> None:
+        log.warning("%s; %d tasks go back to the queue", reason, len(worker.leases))
+        del self.workers[worker.name]
+        self.ring.remove(worker.name)
+        for lease in list(worker.leases.values()):
+            self._lease_lost(lease, reason, wall)
+        self._unpark_all()
+
+    # ------------------------------------------------------------ dispatch
+
+    def _unpark_all(self) -> None:
+        """Ring membership changed: keyed jobs may have a new owner."""
+        for jobs in self.parked.values():
+            while jobs:
+                self.queue.add_back(jobs.pop())
+        self.parked.clear()
+
+    def _dispatch(self, wall: float) -> None:
+        """Lease queued jobs to workers with credit, keyed ones only to their owner."""
+        credit = sum(max(0, w.credit) for w in self.workers.values())
+        if credit <= 0:
+            return
+        batches: dict[str, list[Lease]] = {}
+        for name, parked in self.parked.items():
+            worker = self.workers[name]
+            while parked and worker.credit > 0:
+                self._grant(parked.popleft(), worker, batches)
+                credit -= 1
+        parked_total = sum(len(q) for q in self.parked.values())
+        workers = self.workers
+        has_room: Callable[[str], bool] = lambda name: workers[name].credit > 0  # noqa: E731
+        while credit > 0 and parked_total < self.settings.queue_window:
+            job = self.queue.pop()
+            if job is None:
+                break
+            if job.key is not None:  # affinity: a keyed job waits for its owner
+                owner = self.ring.owner(job.key)
+                if owner is None:
+                    self.queue.add_back(job)
+                    break
+                if workers[owner].credit <= 0:
+                    self.parked.setdefault(owner, collections.deque()).append(job)
+                    parked_total += 1
+                    continue
+            else:  # bounded loads: walk clockwise to the first worker with room
+                owner = self.ring.assign(job.ring_key, has_room)
+                if owner is None:
+                    self.queue.add_back(job)
+                    break
+            self._grant(job, workers[owner], batches)
+            credit -= 1
+        for name, leases in batches.items():
+            self._send_tasks(self.workers[name], leases)
+
+    def _grant(self, job: Job, worker: WorkerState, batches: dict[str, list[Lease]]) -> None:
+        job.attempt += 1
+        lease = Lease(job, worker.name, dseq=0)
+        self.leases[job.id] = lease
+        worker.leases[job.id] = lease
+        self._new_leases.append((job.id, job.attempt, worker.name))
+        batches.setdefault(worker.name, []).append(lease)
+
+    def _send_tasks(self, worker: WorkerState, leases: list[Lease]) -> None:
+        for start in range(0, len(leases), self.limits.max_batch):
+            worker.dseq += 1
+            chunk = leases[start : start + self.limits.max_batch]
+            tasks = []
+            for lease in chunk:
+                lease.dseq = worker.dseq
+                job = lease.job
+                tasks.append(
+                    p.assignment_body(
+                        job.id,
+                        job.attempt,
+                        job.name,
+                        job.payload,
+                        job.checkpoint,
+                        job.checkpoint_no,
+                    )
+                )
+            self._to_worker(worker, p.TASK, {"dseq": worker.dseq, "tasks": tasks})
+
+    def _flush_writes(self, wall: float) -> None:
+        """Writes gathered during the turn, in bulk, still inside its transaction."""
+        if self._new_leases:
+            self.store.lease(self._new_leases, wall)
+            self._new_leases.clear()
+        if self._successes:
+            self.store.finish_many(self._successes, wall)
+            self._successes.clear()
+
+
+def _job(row: Mapping[str, Any]) -> Job:
+    return Job(
+        row["id"],
+        row["name"],
+        row["payload"],
+        row["key"],
+        row["attempt"],
+        row["max_attempts"],
+        row["checkpoint"],
+        row["checkpoint_no"],
+        row["created_at"],
+    )
+
+
+def _name(identity: bytes) -> str:
+    """A worker's name is its routing id; ids that are not UTF-8 are shown in hex."""
+    try:
+        return identity.decode("utf-8")
+    except UnicodeDecodeError:
+        return identity.hex()

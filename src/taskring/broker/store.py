@@ -1,0 +1,294 @@
+"""The task log: SQLite in WAL mode, the only module that speaks SQL.
+
+Two tables carry the truth. `tasks` holds the current state of each task;
+`events` is append-only and tells how it got there, so the history of any
+task can be shown and checked. The broker opens one transaction per loop
+turn (`turn()`), so a burst of submits, results and checkpoints costs one
+commit, and nothing is acknowledged before that commit returns.
+
+`synchronous=FULL` (the default) makes a commit survive power loss: SQLite
+syncs the WAL before COMMIT returns. `NORMAL` survives a killed process but
+may lose the last commits on power loss; it is offered for speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import sqlite_utils
+
+from taskring.protocol import FINAL_STATES, QUEUED, RUNNING
+
+migrations = sqlite_utils.Migrations("taskring")
+
+
+@migrations()
+def m001_tasks_and_events(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE tasks (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            payload BLOB NOT NULL,          -- msgpack [args, kwargs], never decoded here
+            key TEXT,
+            state TEXT NOT NULL,
+            attempt INTEGER NOT NULL DEFAULT 0,   -- leases granted so far: the fencing token
+            max_attempts INTEGER NOT NULL,
+            worker TEXT,                    -- holder of the current or last lease
+            checkpoint BLOB,
+            checkpoint_no INTEGER NOT NULL DEFAULT 0,
+            result BLOB,
+            error TEXT,
+            client TEXT,                    -- (client, client_seq, client_idx) dedups resends
+            client_seq INTEGER,
+            client_idx INTEGER,
+            idempotency_key TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE UNIQUE INDEX tasks_client_request ON tasks (client, client_seq, client_idx)
+            WHERE client IS NOT NULL;
+        CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX tasks_state ON tasks (state, id);
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            task_id INTEGER NOT NULL,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            worker TEXT,
+            detail TEXT
+        );
+        CREATE INDEX events_task ON events (task_id, id);
+        -- Names workers registered, so a submit of a name never seen can be flagged.
+        CREATE TABLE task_names (
+            name TEXT PRIMARY KEY,
+            max_attempts INTEGER NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL
+        );
+        """
+    )
+
+
+TASK_COLUMNS = (
+    "id, name, payload, key, state, attempt, max_attempts, worker, checkpoint, checkpoint_no,"
+    " result, error, created_at, updated_at"
+)
+VIEW_COLUMNS = (
+    "id, name, state, key, attempt, max_attempts, worker, result, error, created_at, updated_at"
+)
+
+_INSERT_TASK = (
+    "INSERT INTO tasks (id, name, payload, key, state, attempt, max_attempts, client,"
+    " client_seq, client_idx, idempotency_key, created_at, updated_at)"
+    f" VALUES (?, ?, ?, ?, '{QUEUED}', 0, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (task_id, at, kind, attempt, worker, detail) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_LEASE = (
+    f"UPDATE tasks SET state = '{RUNNING}', attempt = ?, worker = ?, updated_at = ? WHERE id = ?"
+)
+_REQUEUE = f"UPDATE tasks SET state = '{QUEUED}', error = ?, updated_at = ? WHERE id = ?"
+_FINISH = (
+    "UPDATE tasks SET state = ?, result = ?, error = ?, updated_at = ? WHERE id = ? AND attempt = ?"
+)
+_CHECKPOINT = (
+    "UPDATE tasks SET checkpoint = ?, checkpoint_no = ?, updated_at = ?"
+    " WHERE id = ? AND attempt = ? AND checkpoint_no < ?"
+)
+
+
+def wall_clock() -> float:
+    """Unix time in seconds, for log timestamps only (deadlines use time.monotonic)."""
+    return time.time_ns() / 1e9
+
+
+class Store:
+    """All reads and writes of the task log."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "full") -> None:
+        if synchronous not in ("full", "normal"):
+            raise ValueError("synchronous must be 'full' or 'normal'")
+        self.path = os.fspath(path)
+        created = not os.path.exists(self.path)
+        # The log may hold task arguments and results: readable by its owner only.
+        if created:
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.db = sqlite_utils.Database(self.path)
+        self.db.enable_wal()
+        self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self.db.execute("PRAGMA busy_timeout = 5000")
+        migrations.apply(self.db)
+        self.conn: sqlite3.Connection = self.db.conn
+        self.next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """One transaction: every write of one broker loop turn commits together."""
+        with self.db.atomic():
+            yield
+
+    # ------------------------------------------------------------ writes
+
+    def find_request(self, client: str, seq: int) -> dict[int, int]:
+        """Tasks created by an earlier copy of this (client, seq) request: index -> id."""
+        rows = self.conn.execute(
+            "SELECT client_idx, id FROM tasks WHERE client = ? AND client_seq = ?",
+            (client, seq),
+        ).fetchall()
+        return dict(rows)
+
+    def find_idempotency_keys(self, keys: Iterable[str]) -> dict[str, int]:
+        found = {}
+        for key in keys:
+            row = self.conn.execute(
+                "SELECT id FROM tasks WHERE idempotency_key = ?", (key,)
+            ).fetchone()
+            if row:
+                found[key] = row[0]
+        return found
+
+    def insert_tasks(self, rows: Sequence[tuple[Any, ...]], now: float) -> None:
+        """rows: (id, name, payload, key, max_attempts, client, seq, idx, idempotency_key)."""
+        self.conn.executemany(_INSERT_TASK, [(*row, now, now) for row in rows])
+        self.conn.executemany(
+            _INSERT_EVENT, [(row[0], now, "submitted", 0, None, None) for row in rows]
+        )
+
+    def allocate_id(self) -> int:
+        # The broker is the only writer, so ids are handed out from memory
+        # and the inserts of one request go in one executemany.
+        task_id = self.next_id
+        self.next_id += 1
+        return task_id
+
+    def lease(self, leases: Sequence[tuple[int, int, str]], now: float) -> None:
+        """leases: (task id, attempt, worker)."""
+        self.conn.executemany(_LEASE, [(a, w, now, i) for i, a, w in leases])
+        self.conn.executemany(_INSERT_EVENT, [(i, now, "leased", a, w, None) for i, a, w in leases])
+
+    def requeue(
+        self, task_id: int, attempt: int, worker: str | None, reason: str, now: float
+    ) -> None:
+        self.conn.execute(_REQUEUE, (reason, now, task_id))
+        self.conn.execute(_INSERT_EVENT, (task_id, now, "retried", attempt, worker, reason))
+
+    def finish(
+        self,
+        task_id: int,
+        attempt: int,
+        worker: str | None,
+        state: str,
+        result: bytes | None,
+        error: str | None,
+        now: float,
+    ) -> None:
+        """Move a task to a final state; the attempt check makes a late writer harmless."""
+        if state not in FINAL_STATES:
+            raise ValueError(f"{state} is not a final state")
+        self.conn.execute(_FINISH, (state, result, error, now, task_id, attempt))
+        self.conn.execute(_INSERT_EVENT, (task_id, now, state, attempt, worker, error))
+
+    def finish_many(self, rows: Sequence[tuple[int, int, str, bytes | None]], now: float) -> None:
+        """Successful results in bulk: (task id, attempt, worker, result)."""
+        self.conn.executemany(_FINISH, [("succeeded", r, None, now, i, a) for i, a, _w, r in rows])
+        self.conn.executemany(
+            _INSERT_EVENT, [(i, now, "succeeded", a, w, None) for i, a, w, _r in rows]
+        )
+
+    def checkpoint(
+        self, task_id: int, attempt: int, worker: str, number: int, state: bytes, now: float
+    ) -> None:
+        self.conn.execute(_CHECKPOINT, (state, number, now, task_id, attempt, number))
+        self.conn.execute(
+            _INSERT_EVENT, (task_id, now, "checkpointed", attempt, worker, f"checkpoint {number}")
+        )
+
+    def event(
+        self,
+        task_id: int,
+        kind: str,
+        attempt: int,
+        worker: str | None,
+        detail: str | None,
+        now: float,
+    ) -> None:
+        self.conn.execute(_INSERT_EVENT, (task_id, now, kind, attempt, worker, detail))
+
+    def remember_names(self, names: dict[str, int], now: float) -> None:
+        self.conn.executemany(
+            "INSERT INTO task_names (name, max_attempts, first_seen, last_seen)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+            " max_attempts = excluded.max_attempts, last_seen = excluded.last_seen",
+            [(name, m, now, now) for name, m in names.items()],
+        )
+
+    # ------------------------------------------------------------ reads
+
+    def known_names(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT name, max_attempts FROM task_names").fetchall())
+
+    def running(self) -> list[sqlite3.Row]:
+        return self._rows(f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ?", (RUNNING,))
+
+    def queued(self, after_id: int, limit: int) -> list[sqlite3.Row]:
+        return self._rows(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
+            (QUEUED, after_id, limit),
+        )
+
+    def views(self, ids: Sequence[int]) -> dict[int, sqlite3.Row]:
+        found: dict[int, sqlite3.Row] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._rows(f"SELECT {VIEW_COLUMNS} FROM tasks WHERE id IN ({marks})", chunk):
+                found[row["id"]] = row
+        return found
+
+    def outcome(self, task_id: int) -> sqlite3.Row | None:
+        rows = self._rows("SELECT state, attempt, worker FROM tasks WHERE id = ?", (task_id,))
+        return rows[0] if rows else None
+
+    def list_tasks(
+        self, state: str | None, name: str | None, limit: int, before_id: int | None
+    ) -> list[sqlite3.Row]:
+        where, params = [], []
+        for column, value in (("state", state), ("name", name)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if before_id is not None:
+            where.append("id < ?")
+            params.append(before_id)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return self._rows(
+            f"SELECT {VIEW_COLUMNS} FROM tasks{clause} ORDER BY id DESC LIMIT ?", (*params, limit)
+        )
+
+    def history(self, task_id: int) -> list[sqlite3.Row]:
+        return self._rows(
+            "SELECT at, kind, attempt, worker, detail FROM events WHERE task_id = ? ORDER BY id",
+            (task_id,),
+        )
+
+    def count_by_state(self) -> dict[str, int]:
+        return dict(
+            self.conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
+        )
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        cursor = self.conn.execute(sql, params)
+        cursor.row_factory = sqlite3.Row
+        return cursor.fetchall()

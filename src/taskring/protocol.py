@@ -1,0 +1,598 @@
+"""The taskring wire protocol: frames, commands, body codecs and limits.
+
+This module mirrors protocol.md, which is the source of truth. Every message
+is a ZeroMQ multipart message of three frames (the broker's ROUTER socket
+sees the sender's routing id in front of them):
+
+    frame 0  protocol id and version: PROTOCOL_CLIENT or PROTOCOL_WORKER
+    frame 1  command, a short ASCII word
+    frame 2  body, one msgpack map
+
+User data (task arguments, results, checkpoint state) travels inside the body
+as msgpack *bin* values that hold their own msgpack encoding. The broker
+stores and forwards those bytes without decoding them: it never interprets
+user data, and a task costs one copy, not a decode and an encode, on its way
+through.
+
+Wire input is never trusted. Decoders raise ProtocolError (never assert:
+`python -O` strips asserts) and return frozen dataclasses, so code past the
+decoder only sees well-typed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+
+PROTOCOL_CLIENT = b"TRC01"
+PROTOCOL_WORKER = b"TRW01"
+
+# Client -> broker
+SUBMIT = b"SUBMIT"
+GET = b"GET"
+STATUS = b"STATUS"
+TASKS = b"TASKS"
+HISTORY = b"HISTORY"
+# Broker -> client
+REPLY = b"REPLY"
+NOTIFY = b"NOTIFY"
+# Worker -> broker
+READY = b"READY"
+RESULT = b"RESULT"
+CHECKPOINT = b"CHECKPOINT"
+# Broker -> worker
+WELCOME = b"WELCOME"
+TASK = b"TASK"
+ACK = b"ACK"
+# Both directions, worker <-> broker
+HEARTBEAT = b"HEARTBEAT"
+DISCONNECT = b"DISCONNECT"
+# Broker -> client or worker
+ERROR = b"ERROR"
+
+CLIENT_TO_BROKER = frozenset({SUBMIT, GET, STATUS, TASKS, HISTORY})
+BROKER_TO_CLIENT = frozenset({REPLY, NOTIFY, ERROR})
+WORKER_TO_BROKER = frozenset({READY, HEARTBEAT, RESULT, CHECKPOINT, DISCONNECT})
+BROKER_TO_WORKER = frozenset({WELCOME, TASK, ACK, HEARTBEAT, DISCONNECT, ERROR})
+ALL_COMMANDS = CLIENT_TO_BROKER | BROKER_TO_CLIENT | WORKER_TO_BROKER | BROKER_TO_WORKER
+
+# Task states as stored and reported.
+QUEUED = "queued"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+DEAD = "dead"  # dead-lettered: max_attempts used up by lost or crashed attempts
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, DEAD})
+ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DEAD)
+
+# Error codes carried by ERROR bodies. Stable strings: clients match on them.
+E_BAD_FRAMES = "bad-frames"
+E_BAD_PROTOCOL = "bad-protocol"
+E_UNKNOWN_COMMAND = "unknown-command"
+E_BAD_BODY = "bad-body"
+E_TOO_LARGE = "too-large"
+E_NOT_FOUND = "not-found"
+E_UNKNOWN_WORKER = "unknown-worker"
+E_UNKNOWN_TASK = "unknown-task"
+E_INTERNAL = "internal"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Hard limits on what a peer may send. Each is documented in protocol.md."""
+
+    max_message_bytes: int = 16 * 1024 * 1024  # all frames of one message together
+    max_frames: int = 4  # routing id + the three protocol frames
+    max_payload_bytes: int = 1024 * 1024  # packed args and kwargs of one task
+    max_result_bytes: int = 1024 * 1024  # packed return value of one task
+    max_checkpoint_bytes: int = 1024 * 1024  # packed checkpoint state
+    max_batch: int = 1000  # tasks in one SUBMIT, results in one RESULT, ids in one GET
+    max_name_len: int = 200
+    max_key_len: int = 256
+    max_error_len: int = 8192
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol. `code` is one of the E_* strings."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------- msgpack
+
+
+def pack(obj: Any) -> bytes:
+    """Encode any msgpack-able value. Raises TypeError for other types."""
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(E_BAD_BODY, f"msgpack extension type {code} is not allowed")
+
+
+def unpack(data: bytes, *, max_bytes: int | None = None) -> Any:
+    """Decode msgpack from an untrusted peer.
+
+    msgpack signals bad input with several unrelated exception types
+    (ValueError, TypeError, and its own UnpackException family: BufferFull is
+    not a ValueError), so all of them become one ProtocolError here.
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ProtocolError(E_TOO_LARGE, f"body of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise ProtocolError(E_BAD_BODY, f"body is not valid msgpack: {e}") from e
+
+
+# ---------------------------------------------------------------- framing
+
+
+def frames(protocol: bytes, command: bytes, body: Mapping[str, Any] | None = None) -> list[bytes]:
+    """The three frames of one message, as a DEALER sends them."""
+    return [protocol, command, pack(body or {})]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Envelope:
+    """A message as the broker's ROUTER received it, split but not yet typed."""
+
+    identity: bytes
+    protocol: bytes
+    command: bytes
+    body: Mapping[str, Any]
+
+
+def open_envelope(parts: Sequence[bytes], limits: Limits = DEFAULT_LIMITS) -> Envelope:
+    """Check frame count, total size, protocol id and command; decode the body."""
+    if len(parts) > limits.max_frames:
+        raise ProtocolError(E_BAD_FRAMES, f"{len(parts)} frames, at most {limits.max_frames}")
+    total = sum(len(p) for p in parts)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(
+            E_TOO_LARGE,
+            f"message of {total} bytes exceeds max_message_bytes ({limits.max_message_bytes})",
+        )
+    if len(parts) != 4:
+        raise ProtocolError(
+            E_BAD_FRAMES, f"{len(parts) - 1} frames after the routing id, expected 3"
+        )
+    identity, protocol, command, body = parts
+    if protocol == PROTOCOL_CLIENT:
+        allowed = CLIENT_TO_BROKER
+    elif protocol == PROTOCOL_WORKER:
+        allowed = WORKER_TO_BROKER
+    else:
+        raise ProtocolError(E_BAD_PROTOCOL, f"unknown protocol id {bytes(protocol)[:16]!r}")
+    if command not in allowed:
+        raise ProtocolError(E_UNKNOWN_COMMAND, f"unknown command {bytes(command)[:16]!r}")
+    decoded = unpack(body) if body else {}
+    if not isinstance(decoded, dict):
+        raise ProtocolError(E_BAD_BODY, "body must be a msgpack map")
+    return Envelope(bytes(identity), bytes(protocol), bytes(command), decoded)
+
+
+def decode_reply(parts: Sequence[bytes], protocol: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Decode a broker message at a client or worker: (command, body)."""
+    if len(parts) != 3 or parts[0] != protocol:
+        raise ProtocolError(E_BAD_FRAMES, "broker message is not [protocol, command, body]")
+    body = unpack(parts[2]) if parts[2] else {}
+    if not isinstance(body, dict):
+        raise ProtocolError(E_BAD_BODY, "body must be a msgpack map")
+    return bytes(parts[1]), body
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    try:
+        value = body[name]
+    except KeyError:
+        raise ProtocolError(E_BAD_BODY, f"field {name!r} is missing") from None
+    # bool is an int in Python; a counter must not accept True.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(E_BAD_BODY, f"field {name!r} has the wrong type")
+    return value
+
+
+def _optional(body: Mapping[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    if body.get(name) is None:
+        return default
+    return _field(body, name, kind)
+
+
+def _count(body: Mapping[str, Any], name: str) -> int:
+    value: int = _field(body, name, int)
+    if not 0 <= value < 2**63:
+        raise ProtocolError(E_BAD_BODY, f"field {name!r} is out of range")
+    return value
+
+
+def _text(body: Mapping[str, Any], name: str, max_len: int, *, optional: bool = False) -> Any:
+    value = _optional(body, name, str) if optional else _field(body, name, str)
+    if value is not None and not 0 < len(value) <= max_len:
+        raise ProtocolError(E_BAD_BODY, f"field {name!r} must be 1..{max_len} characters")
+    return value
+
+
+def _blob(body: Mapping[str, Any], name: str, limit: int, what: str) -> bytes | None:
+    value = _optional(body, name, bytes)
+    if value is not None and len(value) > limit:
+        raise ProtocolError(E_TOO_LARGE, f"{name} of {len(value)} bytes exceeds {what} ({limit})")
+    return value  # type: ignore[no-any-return]
+
+
+def _list(body: Mapping[str, Any], name: str, limits: Limits) -> list[Any]:
+    value: list[Any] = _field(body, name, list)
+    if len(value) > limits.max_batch:
+        raise ProtocolError(
+            E_TOO_LARGE, f"{len(value)} items in {name!r} exceed max_batch ({limits.max_batch})"
+        )
+    return value
+
+
+def _held(body: Mapping[str, Any], limits: Limits) -> tuple[tuple[int, int], ...]:
+    pairs = _list(body, "held", limits) if "held" in body else []
+    out = []
+    for pair in pairs:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+        ):
+            raise ProtocolError(E_BAD_BODY, "held must be a list of [task id, attempt] pairs")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
+def _ids(body: Mapping[str, Any], limits: Limits) -> tuple[int, ...]:
+    ids = _list(body, "ids", limits)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ProtocolError(E_BAD_BODY, "ids must be non-negative integers")
+    return tuple(ids)
+
+
+# ---------------------------------------------------------------- client requests
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewTask:
+    name: str
+    payload: bytes  # msgpack of [args, kwargs], opaque to the broker
+    key: str | None
+    idempotency_key: str | None
+    max_attempts: int | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Submit:
+    seq: int
+    tasks: tuple[NewTask, ...]
+    watch: bool  # push a NOTIFY to this client when each task reaches a final state
+    strict: bool  # reject the whole submit if a name was never registered by a worker
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Get:
+    seq: int
+    ids: tuple[int, ...]
+    watch: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Status:
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListTasks:
+    seq: int
+    state: str | None
+    name: str | None
+    limit: int
+    before_id: int | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class History:
+    seq: int
+    id: int
+
+
+def _new_task(item: Any, limits: Limits) -> NewTask:
+    if not isinstance(item, dict):
+        raise ProtocolError(E_BAD_BODY, "each task must be a map")
+    max_attempts = _optional(item, "max_attempts", int)
+    if max_attempts is not None and not 1 <= max_attempts <= 1000:
+        raise ProtocolError(E_BAD_BODY, "max_attempts must be 1..1000")
+    payload = _blob(item, "payload", limits.max_payload_bytes, "max_payload_bytes")
+    if payload is None:
+        raise ProtocolError(E_BAD_BODY, "field 'payload' is missing")
+    return NewTask(
+        name=_text(item, "name", limits.max_name_len),
+        payload=payload,
+        key=_text(item, "key", limits.max_key_len, optional=True),
+        idempotency_key=_text(item, "idem", limits.max_key_len, optional=True),
+        max_attempts=max_attempts,
+    )
+
+
+def decode_submit(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Submit:
+    items = _list(body, "tasks", limits)
+    if not items:
+        raise ProtocolError(E_BAD_BODY, "a SUBMIT needs at least one task")
+    return Submit(
+        seq=_count(body, "seq"),
+        tasks=tuple(_new_task(item, limits) for item in items),
+        watch=bool(_optional(body, "watch", bool, False)),
+        strict=bool(_optional(body, "strict", bool, False)),
+    )
+
+
+def decode_get(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Get:
+    return Get(
+        seq=_count(body, "seq"),
+        ids=_ids(body, limits),
+        watch=bool(_optional(body, "watch", bool, False)),
+    )
+
+
+def decode_status(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Status:
+    return Status(seq=_count(body, "seq"))
+
+
+def decode_tasks(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> ListTasks:
+    state = _optional(body, "state", str)
+    if state is not None and state not in ALL_STATES:
+        raise ProtocolError(E_BAD_BODY, f"state must be one of {', '.join(ALL_STATES)}")
+    limit = _optional(body, "limit", int, 50)
+    if not 1 <= limit <= limits.max_batch:
+        raise ProtocolError(E_BAD_BODY, f"limit must be 1..{limits.max_batch}")
+    return ListTasks(
+        seq=_count(body, "seq"),
+        state=state,
+        name=_text(body, "name", limits.max_name_len, optional=True),
+        limit=limit,
+        before_id=_optional(body, "before_id", int),
+    )
+
+
+def decode_history(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> History:
+    return History(seq=_count(body, "seq"), id=_count(body, "id"))
+
+
+# ---------------------------------------------------------------- worker messages
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ready:
+    seq: int
+    capacity: int
+    tasks: dict[str, int]  # registered task name -> its default max_attempts
+    held: tuple[tuple[int, int], ...]  # (task id, attempt) it still runs or must report
+    pid: int
+    host: str
+    pool: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerHeartbeat:
+    dseq: int  # last TASK dseq received
+    held: tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    id: int
+    attempt: int
+    ok: bool
+    value: bytes | None  # msgpack of the return value when ok
+    error: str | None
+    retry: bool  # False for errors that another attempt cannot fix
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    seq: int
+    results: tuple[TaskOutcome, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Checkpoint:
+    seq: int
+    id: int
+    attempt: int
+    number: int  # 1, 2, 3... within one task; a lower number never overwrites a higher
+    state: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerDisconnect:
+    reason: str
+
+
+def decode_ready(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Ready:
+    capacity = _count(body, "capacity")
+    if not 1 <= capacity <= 10_000:
+        raise ProtocolError(E_BAD_BODY, "capacity must be 1..10000")
+    names = _field(body, "tasks", dict)
+    if len(names) > 10_000 or not all(
+        isinstance(n, str)
+        and 0 < len(n) <= limits.max_name_len
+        and isinstance(m, int)
+        and not isinstance(m, bool)
+        and 1 <= m <= 1000
+        for n, m in names.items()
+    ):
+        raise ProtocolError(E_BAD_BODY, "tasks must map task names to max_attempts (1..1000)")
+    return Ready(
+        seq=_count(body, "seq"),
+        capacity=capacity,
+        tasks=names,
+        held=_held(body, limits),
+        pid=_optional(body, "pid", int, 0),
+        host=_optional(body, "host", str, "")[:255],
+        pool=_optional(body, "pool", str, "thread")[:32],
+    )
+
+
+def decode_worker_heartbeat(
+    body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS
+) -> WorkerHeartbeat:
+    return WorkerHeartbeat(dseq=_optional(body, "dseq", int, 0), held=_held(body, limits))
+
+
+def _outcome(item: Any, limits: Limits) -> TaskOutcome:
+    if not isinstance(item, dict):
+        raise ProtocolError(E_BAD_BODY, "each result must be a map")
+    ok = _field(item, "ok", bool)
+    error = _optional(item, "error", str)
+    return TaskOutcome(
+        id=_count(item, "id"),
+        attempt=_count(item, "attempt"),
+        ok=ok,
+        value=_blob(item, "value", limits.max_result_bytes, "max_result_bytes"),
+        error=error[: limits.max_error_len] if error is not None else None,
+        retry=bool(_optional(item, "retry", bool, True)),
+    )
+
+
+def decode_result(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Result:
+    return Result(
+        seq=_count(body, "seq"),
+        results=tuple(_outcome(item, limits) for item in _list(body, "results", limits)),
+    )
+
+
+def decode_checkpoint(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Checkpoint:
+    state = _blob(body, "state", limits.max_checkpoint_bytes, "max_checkpoint_bytes")
+    if state is None:
+        raise ProtocolError(E_BAD_BODY, "field 'state' is missing")
+    return Checkpoint(
+        seq=_count(body, "seq"),
+        id=_count(body, "id"),
+        attempt=_count(body, "attempt"),
+        number=_count(body, "number"),
+        state=state,
+    )
+
+
+def decode_worker_disconnect(
+    body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS
+) -> WorkerDisconnect:
+    return WorkerDisconnect(reason=str(_optional(body, "reason", str, ""))[:200])
+
+
+# ---------------------------------------------------------------- task views
+
+
+def task_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The public fields of a task, as REPLY and NOTIFY carry them."""
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "state": row["state"],
+        "key": row["key"],
+        "attempt": row["attempt"],
+        "max_attempts": row["max_attempts"],
+        "worker": row["worker"],
+        "result": row["result"],
+        "error": row["error"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+# ---------------------------------------------------------------- broker -> worker
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Assignment:
+    """One task leased to a worker for one attempt (the attempt is the fencing token)."""
+
+    id: int
+    attempt: int
+    name: str
+    payload: bytes  # msgpack of [args, kwargs]
+    state: bytes | None  # msgpack of the last stored checkpoint, None on a fresh start
+    number: int  # number of that checkpoint; the next one the task sends is number + 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dispatch:
+    dseq: int  # per-registration counter of TASK messages, echoed in worker heartbeats
+    tasks: tuple[Assignment, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Welcome:
+    seq: int
+    heartbeat_s: float
+    liveness: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ack:
+    seq: int
+    stale: tuple[int, ...]  # task ids whose message was recorded but not applied
+
+
+def assignment_body(
+    id: int, attempt: int, name: str, payload: bytes, state: bytes | None, number: int
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "attempt": attempt,
+        "name": name,
+        "payload": payload,
+        "state": state,
+        "number": number,
+    }
+
+
+def decode_dispatch(body: Mapping[str, Any]) -> Dispatch:
+    tasks = []
+    for item in _field(body, "tasks", list):
+        if not isinstance(item, dict):
+            raise ProtocolError(E_BAD_BODY, "each task must be a map")
+        payload = _field(item, "payload", bytes)
+        tasks.append(
+            Assignment(
+                id=_count(item, "id"),
+                attempt=_count(item, "attempt"),
+                name=_field(item, "name", str),
+                payload=payload,
+                state=_optional(item, "state", bytes),
+                number=_optional(item, "number", int, 0),
+            )
+        )
+    return Dispatch(dseq=_count(body, "dseq"), tasks=tuple(tasks))
+
+
+def decode_welcome(body: Mapping[str, Any]) -> Welcome:
+    heartbeat_ms = _count(body, "heartbeat_ms")
+    liveness = _count(body, "liveness")
+    if heartbeat_ms < 1 or liveness < 1:
+        raise ProtocolError(E_BAD_BODY, "heartbeat_ms and liveness must be positive")
+    return Welcome(seq=_count(body, "seq"), heartbeat_s=heartbeat_ms / 1000, liveness=liveness)
+
+
+def decode_ack(body: Mapping[str, Any]) -> Ack:
+    stale = _optional(body, "stale", list, [])
+    return Ack(seq=_count(body, "seq"), stale=tuple(i for i in stale if isinstance(i, int)))
+
+
+def error_body(seq: int | None, code: str, message: str) -> dict[str, Any]:
+    return {"seq": seq, "code": code, "message": message}

@@ -1,0 +1,390 @@
+"""The broker's loop stepped by hand: real sockets in this process, a fake clock.
+
+Each test drives `Broker.poll_once(now)` with DEALER peers that speak the
+wire protocol directly, so every rule is checked at the frame level.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from taskring import protocol as p
+from taskring.broker import Broker, BrokerSettings
+
+HEARTBEAT_S = 1.0
+LIVENESS = 3
+
+
+OPEN_PEERS: list[Peer] = []
+
+
+class Peer:
+    """A DEALER speaking taskring frames; recv fails with a sentence instead of hanging."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, identity: bytes, protocol: bytes):
+        OPEN_PEERS.append(self)
+        self.protocol = protocol
+        self.socket = ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.IDENTITY, identity)
+        self.socket.connect(endpoint)
+        self.seq = 0
+
+    def send(self, command: bytes, body: dict[str, Any]) -> None:
+        self.socket.send_multipart(p.frames(self.protocol, command, body))
+
+    def request(self, command: bytes, body: dict[str, Any]) -> int:
+        self.seq += 1
+        self.send(command, {"seq": self.seq, **body})
+        return self.seq
+
+    def recv(
+        self, broker: Broker, now: float, timeout_s: float = 2.0
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Step the broker until this peer has a message."""
+        for _ in range(int(timeout_s / 0.02)):
+            if self.socket.poll(0):
+                return p.decode_reply(self.socket.recv_multipart(), self.protocol)
+            broker.poll_once(now=now, timeout_s=0.02)
+        raise AssertionError(f"no message reached {self.socket.getsockopt(zmq.IDENTITY)!r}")
+
+    def expect(self, broker: Broker, now: float, command: bytes) -> dict[str, Any]:
+        """The next message that is not a heartbeat must be `command`."""
+        while True:
+            got, body = self.recv(broker, now)
+            if got != p.HEARTBEAT:
+                assert got == command, f"expected {command!r}, got {got!r}: {body}"
+                return body
+
+    def drain(
+        self, broker: Broker, now: float, turns: int = 5
+    ) -> list[tuple[bytes, dict[str, Any]]]:
+        out = []
+        for _ in range(turns):
+            broker.poll_once(now=now, timeout_s=0.01)
+            while self.socket.poll(0):
+                out.append(p.decode_reply(self.socket.recv_multipart(), self.protocol))
+        return out
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    while OPEN_PEERS:
+        OPEN_PEERS.pop().socket.close(linger=0)
+    context.destroy(linger=0)
+
+
+def make_broker(
+    tmp_path: Path, ctx: zmq.Context[Any], endpoint: str = "tcp://127.0.0.1:*"
+) -> Broker:
+    settings = BrokerSettings(
+        endpoint=endpoint,
+        db_path=str(tmp_path / "tasks.db"),
+        heartbeat_s=HEARTBEAT_S,
+        liveness=LIVENESS,
+        synchronous="normal",
+    )
+    return Broker(settings, context=ctx)
+
+
+@pytest.fixture
+def broker(tmp_path: Path, ctx: zmq.Context[Any]) -> Iterator[Broker]:
+    b = make_broker(tmp_path, ctx)
+    yield b
+    b.close()
+
+
+def client(ctx: zmq.Context[Any], broker: Broker, name: bytes = b"c-test") -> Peer:
+    return Peer(ctx, broker.endpoint, name, p.PROTOCOL_CLIENT)
+
+
+def worker(
+    ctx: zmq.Context[Any],
+    broker: Broker,
+    now: float,
+    name: bytes = b"w1",
+    capacity: int = 2,
+    held: list[list[int]] | None = None,
+) -> Peer:
+    w = Peer(ctx, broker.endpoint, name, p.PROTOCOL_WORKER)
+    w.request(
+        p.READY,
+        {"capacity": capacity, "tasks": {"t.add": 3}, "held": held or [], "pid": 1, "host": "h"},
+    )
+    w.expect(broker, now, p.WELCOME)
+    return w
+
+
+def task(name: str = "t.add", key: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "payload": p.pack([[1, 2], {}]), "key": key, **extra}
+
+
+def submit(c: Peer, broker: Broker, now: float, tasks: list[dict[str, Any]]) -> list[int]:
+    c.request(p.SUBMIT, {"tasks": tasks})
+    return list(c.expect(broker, now, p.REPLY)["ids"])
+
+
+def db_rows(broker: Broker, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(broker.store.path) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def result(w: Peer, task_id: int, attempt: int, value: Any = 3, ok: bool = True) -> int:
+    item = {"id": task_id, "attempt": attempt, "ok": ok, "value": p.pack(value)}
+    if not ok:
+        item.update(value=None, error="boom", retry=True)
+    return w.request(p.RESULT, {"results": [item]})
+
+
+def test_submit_is_acknowledged_after_commit_and_a_resend_creates_no_second_task(broker, ctx):
+    # Given a client
+    c = client(ctx, broker)
+    # When it submits, then resends the identical frames (same seq)
+    body = {"seq": 7, "tasks": [task(), task()]}
+    c.send(p.SUBMIT, body)
+    first = c.expect(broker, 0.0, p.REPLY)
+    assert len(db_rows(broker, "SELECT id FROM tasks")) == 2  # committed before the reply
+    c.send(p.SUBMIT, body)
+    second = c.expect(broker, 0.0, p.REPLY)
+    # Then both replies carry the same ids and the log holds two tasks, not four
+    assert first["ids"] == second["ids"] and len(first["ids"]) == 2
+    assert len(db_rows(broker, "SELECT id FROM tasks")) == 2
+
+
+def test_idempotency_key_dedups_across_clients(broker, ctx):
+    a, b = client(ctx, broker, b"c-a"), client(ctx, broker, b"c-b")
+    ids_a = submit(a, broker, 0.0, [task(idem="order-1")])
+    ids_b = submit(b, broker, 0.0, [task(idem="order-1"), task(idem="order-2")])
+    assert ids_b[0] == ids_a[0] and ids_b[1] != ids_a[0]
+    assert len(db_rows(broker, "SELECT id FROM tasks")) == 2
+
+
+def test_unknown_name_is_flagged_and_strict_submit_rejected_without_writing(broker, ctx):
+    c = client(ctx, broker)
+    c.request(p.SUBMIT, {"tasks": [task("t.nope")], "strict": True})
+    error = c.expect(broker, 0.0, p.ERROR)
+    assert error["code"] == p.E_UNKNOWN_TASK and "t.nope" in error["message"]
+    assert db_rows(broker, "SELECT count(*) FROM tasks") == [(0,)]
+    c.request(p.SUBMIT, {"tasks": [task("t.nope")]})
+    assert c.expect(broker, 0.0, p.REPLY)["unknown"] == ["t.nope"]
+
+
+def test_dispatch_never_exceeds_credit_and_results_free_it(broker, ctx):
+    # Given a worker of capacity 2 and five queued tasks
+    w = worker(ctx, broker, 0.0, capacity=2)
+    c = client(ctx, broker)
+    ids = submit(c, broker, 0.0, [task() for _ in range(5)])
+    # When the broker dispatches
+    got = w.expect(broker, 0.0, p.TASK)["tasks"]
+    assert [t["id"] for t in got] == ids[:2]
+    assert all(t["attempt"] == 1 for t in got)
+    # Then no more arrive until a result frees a slot
+    assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
+    seq = result(w, got[0]["id"], 1)
+    assert w.expect(broker, 0.0, p.ACK) == {"seq": seq, "stale": []}
+    assert [t["id"] for t in w.expect(broker, 0.0, p.TASK)["tasks"]] == [ids[2]]
+    assert db_rows(broker, "SELECT state, attempt FROM tasks WHERE id = ?", ids[0]) == [
+        ("succeeded", 1)
+    ]
+
+
+def test_duplicate_result_is_acknowledged_and_applied_once(broker, ctx):
+    w = worker(ctx, broker, 0.0)
+    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task()])
+    w.expect(broker, 0.0, p.TASK)
+    for _ in range(2):
+        result(w, task_id, 1)
+        assert w.expect(broker, 0.0, p.ACK)["stale"] == []
+    kinds = [k for (k,) in db_rows(broker, "SELECT kind FROM events WHERE task_id = ?", task_id)]
+    assert kinds == ["submitted", "leased", "succeeded"]
+
+
+def test_dead_worker_loses_its_leases_and_the_next_attempt_is_fenced(broker, ctx):
+    # Given a task leased to w1 and a second worker w2
+    c = client(ctx, broker)
+    w1 = worker(ctx, broker, 0.0, b"w1", capacity=1)
+    (task_id,) = submit(c, broker, 0.0, [task()])
+    assert w1.expect(broker, 0.0, p.TASK)["tasks"][0]["attempt"] == 1
+    w2 = worker(ctx, broker, 0.0, b"w2", capacity=1)
+    # When w1 stays silent past the liveness window while w2 keeps beating
+    later = HEARTBEAT_S * LIVENESS + 0.5
+    w2.send(p.HEARTBEAT, {"dseq": 0, "held": []})
+    got = w2.expect(broker, later, p.TASK)["tasks"][0]
+    # Then the task moves to w2 with attempt 2
+    assert (got["id"], got["attempt"]) == (task_id, 2)
+    # And w1's late result is acknowledged, recorded as stale, and not applied
+    result(w1, task_id, 1, value="late")
+    assert w1.expect(broker, later, p.ACK)["stale"] == [task_id]
+    assert db_rows(broker, "SELECT state FROM tasks WHERE id = ?", task_id) == [("running",)]
+    result(w2, task_id, 2, value=42)
+    assert w2.expect(broker, later, p.ACK)["stale"] == []
+    assert db_rows(broker, "SELECT state, result FROM tasks WHERE id = ?", task_id) == [
+        ("succeeded", p.pack(42))
+    ]
+    kinds = [k for (k,) in db_rows(broker, "SELECT kind FROM events WHERE task_id = ?", task_id)]
+    assert kinds == ["submitted", "leased", "retried", "leased", "stale", "succeeded"]
+
+
+def test_task_is_dead_lettered_when_attempts_run_out(broker, ctx):
+    c = client(ctx, broker)
+    (task_id,) = submit(c, broker, 0.0, [task(max_attempts=2)])
+    now = 0.0
+    for attempt in (1, 2):
+        w = worker(ctx, broker, now, f"w{attempt}".encode(), capacity=1)
+        assert w.expect(broker, now, p.TASK)["tasks"][0]["attempt"] == attempt
+        now += HEARTBEAT_S * LIVENESS + 0.5
+        broker.poll_once(now=now, timeout_s=0)
+    state, error = db_rows(broker, "SELECT state, error FROM tasks WHERE id = ?", task_id)[0]
+    assert state == "dead" and "2 of 2 attempts" in error
+
+
+def test_checkpoint_is_stored_numbered_and_handed_to_the_next_attempt(broker, ctx):
+    c = client(ctx, broker)
+    w1 = worker(ctx, broker, 0.0, b"w1", capacity=1)
+    (task_id,) = submit(c, broker, 0.0, [task()])
+    w1.expect(broker, 0.0, p.TASK)
+    seq = w1.request(
+        p.CHECKPOINT, {"id": task_id, "attempt": 1, "number": 1, "state": p.pack(1000)}
+    )
+    assert w1.expect(broker, 0.0, p.ACK) == {"seq": seq, "stale": []}
+    # A lower number never overwrites a higher one
+    w1.request(p.CHECKPOINT, {"id": task_id, "attempt": 1, "number": 2, "state": p.pack(2000)})
+    w1.expect(broker, 0.0, p.ACK)
+    w1.request(p.CHECKPOINT, {"id": task_id, "attempt": 1, "number": 1, "state": p.pack(1000)})
+    w1.expect(broker, 0.0, p.ACK)
+    assert db_rows(broker, "SELECT checkpoint, checkpoint_no FROM tasks") == [(p.pack(2000), 2)]
+    # When w1 dies, w2's attempt starts from checkpoint 2
+    later = HEARTBEAT_S * LIVENESS + 0.5
+    w2 = worker(ctx, broker, later, b"w2", capacity=1)
+    got = w2.expect(broker, later, p.TASK)["tasks"][0]
+    assert (got["attempt"], got["state"], got["number"]) == (2, p.pack(2000), 2)
+    # And a checkpoint from the superseded attempt is refused
+    w1.request(p.CHECKPOINT, {"id": task_id, "attempt": 1, "number": 3, "state": p.pack(3)})
+    assert w1.expect(broker, later, p.ACK)["stale"] == [task_id]
+    assert db_rows(broker, "SELECT checkpoint_no FROM tasks") == [(2,)]
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [b"TRC01"],
+        [b"NOPE1", p.SUBMIT, p.pack({})],
+        [p.PROTOCOL_CLIENT, b"FLY", p.pack({})],
+        [p.PROTOCOL_CLIENT, p.SUBMIT, b"\xc1garbage"],
+        [p.PROTOCOL_CLIENT, p.SUBMIT, p.pack({"seq": 1, "tasks": "no"})],
+        [p.PROTOCOL_WORKER, p.RESULT, p.pack({"seq": True, "results": []})],
+    ],
+)
+def test_malformed_message_gets_an_error_and_the_broker_keeps_serving(broker, ctx, parts):
+    bad = client(ctx, broker, b"c-bad")
+    bad.socket.send_multipart(parts)
+    replies = []
+    for _ in range(5):
+        broker.poll_once(now=0.0, timeout_s=0.01)
+        while bad.socket.poll(0):
+            replies.append(bad.socket.recv_multipart())
+    assert [frames[1] for frames in replies] == [p.ERROR]
+    assert p.unpack(replies[0][2])["code"] in {
+        p.E_BAD_FRAMES,
+        p.E_BAD_PROTOCOL,
+        p.E_UNKNOWN_COMMAND,
+        p.E_BAD_BODY,
+    }
+    assert len(submit(client(ctx, broker), broker, 0.0, [task()])) == 1
+
+
+def test_keyed_tasks_wait_for_their_owner(broker, ctx):
+    c = client(ctx, broker)
+    w1 = worker(ctx, broker, 0.0, b"w1", capacity=1)
+    w2 = worker(ctx, broker, 0.0, b"w2", capacity=1)
+    key = next(k for k in (f"user-{i}" for i in range(100)) if broker.ring.owner(k) == "w1")
+    ids = submit(c, broker, 0.0, [task(key=key) for _ in range(3)])
+    first = w1.expect(broker, 0.0, p.TASK)["tasks"]
+    assert [t["id"] for t in first] == ids[:1]
+    assert [m for m in w2.drain(broker, 0.0) if m[0] == p.TASK] == []  # w2 idle, key waits
+    result(w1, ids[0], 1)
+    w1.expect(broker, 0.0, p.ACK)
+    assert [t["id"] for t in w1.expect(broker, 0.0, p.TASK)["tasks"]] == ids[1:2]
+
+
+def test_lease_lost_in_transit_is_requeued(broker, ctx):
+    w = worker(ctx, broker, 0.0, capacity=1)
+    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task()])
+    dseq = w.expect(broker, 0.0, p.TASK)["dseq"]
+    # The worker says it saw TASK dseq but does not hold the task
+    w.send(p.HEARTBEAT, {"dseq": dseq, "held": []})
+    got = w.expect(broker, 0.0, p.TASK)["tasks"][0]
+    assert (got["id"], got["attempt"]) == (task_id, 2)
+
+
+def test_restart_readopts_leases_the_worker_still_holds(tmp_path, ctx):
+    # Given two tasks leased to w1, then the broker stops
+    b1 = make_broker(tmp_path, ctx)
+    c = client(ctx, b1)
+    w = worker(ctx, b1, 0.0, b"w1", capacity=2)
+    ids = submit(c, b1, 0.0, [task(), task()])
+    w.expect(b1, 0.0, p.TASK)
+    b1.close()
+    # When a new broker starts on the same log and w1 registers holding only the first
+    b2 = make_broker(tmp_path, ctx)
+    w2 = worker(ctx, b2, 0.0, b"w1", capacity=2, held=[[ids[0], 1]])
+    # Then the first lease is re-adopted, the second is dispatched again with attempt 2
+    got = w2.expect(b2, 0.0, p.TASK)["tasks"]
+    assert [(t["id"], t["attempt"]) for t in got] == [(ids[1], 2)]
+    result(w2, ids[0], 1, value="kept")
+    assert w2.expect(b2, 0.0, p.ACK)["stale"] == []
+    assert db_rows(b2, "SELECT state FROM tasks WHERE id = ?", ids[0]) == [("succeeded",)]
+    b2.close()
+
+
+def test_restart_requeues_leases_nobody_claims_within_the_liveness_window(tmp_path, ctx):
+    b1 = make_broker(tmp_path, ctx)
+    w = worker(ctx, b1, 0.0, b"gone", capacity=1)
+    (task_id,) = submit(client(ctx, b1), b1, 0.0, [task()])
+    w.expect(b1, 0.0, p.TASK)
+    b1.close()
+    b2 = make_broker(tmp_path, ctx)
+    start = b2.started
+    w2 = worker(ctx, b2, start, b"other", capacity=1)
+    assert [m for m in w2.drain(b2, start) if m[0] == p.TASK] == []  # waits for "gone"
+    later = start + HEARTBEAT_S * LIVENESS + 0.1
+    w2.send(p.HEARTBEAT, {"dseq": 0, "held": []})
+    got = w2.expect(b2, later, p.TASK)["tasks"][0]
+    assert (got["id"], got["attempt"]) == (task_id, 2)
+    b2.close()
+
+
+def test_notify_reaches_a_watching_client(broker, ctx):
+    c = client(ctx, broker)
+    w = worker(ctx, broker, 0.0)
+    c.request(p.SUBMIT, {"tasks": [task()], "watch": True})
+    (task_id,) = c.expect(broker, 0.0, p.REPLY)["ids"]
+    w.expect(broker, 0.0, p.TASK)
+    result(w, task_id, 1, value=3)
+    note = c.expect(broker, 0.0, p.NOTIFY)["tasks"][0]
+    assert (note["id"], note["state"], p.unpack(note["result"])) == (task_id, "succeeded", 3)
+
+
+def test_status_history_and_listing(broker, ctx):
+    c = client(ctx, broker)
+    w = worker(ctx, broker, 0.0, capacity=4)
+    ids = submit(c, broker, 0.0, [task(), task()])
+    w.expect(broker, 0.0, p.TASK)
+    c.request(p.STATUS, {})
+    status = c.expect(broker, 0.0, p.REPLY)
+    assert status["states"] == {"running": 2}
+    assert [(x["name"], x["load"]) for x in status["workers"]] == [("w1", 2)]
+    assert status["workers"][0]["share"] == pytest.approx(1.0)
+    c.request(p.HISTORY, {"id": ids[0]})
+    history = c.expect(broker, 0.0, p.REPLY)
+    assert [e["kind"] for e in history["events"]] == ["submitted", "leased"]
+    c.request(p.TASKS, {"state": "running", "limit": 1})
+    assert [t["id"] for t in c.expect(broker, 0.0, p.REPLY)["tasks"]] == [ids[1]]
