@@ -305,7 +305,7 @@ def test_keyed_tasks_wait_for_their_owner(broker, ctx):
     c = client(ctx, broker)
     w1 = worker(ctx, broker, 0.0, b"w1", capacity=1)
     w2 = worker(ctx, broker, 0.0, b"w2", capacity=1)
-    key = next(k for k in (f"user-{i}" for i in range(100)) if broker.ring.owner(k) == "w1")
+    key = next(k for k in (f"user-{i}" for i in range(100)) if broker.placement.ring.owner(k) == "w1")
     ids = submit(c, broker, 0.0, [task(key=key) for _ in range(3)])
     first = w1.expect(broker, 0.0, p.TASK)["tasks"]
     assert [t["id"] for t in first] == ids[:1]

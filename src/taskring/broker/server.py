@@ -10,7 +10,6 @@ log, and nothing dispatched under a lease the log does not know.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -21,8 +20,8 @@ import zmq
 
 from taskring import __version__
 from taskring import protocol as p
-from taskring.broker.hashring import HashRing
 from taskring.broker.jobs import Job, Lease, TaskQueue
+from taskring.broker.placement import Placement
 from taskring.broker.registry import WorkerState
 from taskring.broker.settings import BrokerSettings
 from taskring.broker.store import Store, wall_clock
@@ -56,12 +55,11 @@ class Broker:
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
 
-        self.ring = HashRing()
         self.workers: dict[str, WorkerState] = {}
         self.leases: dict[int, Lease] = {}  # every running task, by id
         self.orphans: dict[int, Lease] = {}  # leases loaded at start, not yet reclaimed
         self.queue = TaskQueue(settings.queue_window, self._load_queued)
-        self.parked: dict[str, collections.deque[Job]] = {}  # keyed jobs awaiting their owner
+        self.placement = Placement(self.queue, parked_limit=settings.queue_window)
         self.watchers: dict[int, set[bytes]] = {}
         self.names = self.store.known_names()
         self.started = time.monotonic()
@@ -135,7 +133,7 @@ class Broker:
             for parts in messages:
                 self._handle(parts, now, wall)
             self._expire(now, wall)
-            self._dispatch(wall)
+            self._dispatch()
             self._flush_writes(wall)
         self._send_all(now)
         return len(messages)
@@ -292,7 +290,7 @@ class Broker:
 
     def _on_status(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_status(envelope.body, self.limits)
-        shares = self.ring.shares()
+        shares = self.placement.ring.shares()
         workers = [
             {
                 "name": w.name,
@@ -342,8 +340,6 @@ class Broker:
         request = p.decode_ready(envelope.body, self.limits)
         name = _name(envelope.identity)
         previous = self.workers.pop(name, None)
-        if previous is not None:
-            self.ring.remove(name)
         worker = WorkerState(
             name=name,
             identity=envelope.identity,
@@ -357,7 +353,6 @@ class Broker:
             registered_at=now,
         )
         self.workers[name] = worker
-        self.ring.add(name, weight=request.capacity)
         if any(self.names.get(n) != m for n, m in request.tasks.items()):
             self.store.remember_names(request.tasks, wall)
             self.names.update(request.tasks)
@@ -390,7 +385,7 @@ class Broker:
             },
         )
         worker.last_sent = now
-        self._unpark_all()
+        self.placement.join(name, request.capacity)
 
     def _on_heartbeat(self, envelope: p.Envelope, now: float, wall: float) -> None:
         beat = p.decode_worker_heartbeat(envelope.body, self.limits)
@@ -489,7 +484,7 @@ class Broker:
             self._announce(job, p.SUCCEEDED, outcome.value, None, lease.worker, wall)
         elif outcome.retry and job.attempt < job.max_attempts:
             self.store.requeue(job.id, job.attempt, lease.worker, outcome.error or "", wall)
-            self.queue.add_back(job)
+            self.placement.requeue(job)
         else:
             self.store.finish(
                 job.id, job.attempt, lease.worker, p.FAILED, None, outcome.error, wall
@@ -514,7 +509,7 @@ class Broker:
             self._announce(job, p.DEAD, None, error, lease.worker, wall)
         else:
             self.store.requeue(job.id, job.attempt, lease.worker, reason, wall)
-            self.queue.add_back(job)
+            self.placement.requeue(job)
 
     def _announce(
         self,
@@ -557,54 +552,17 @@ class Broker:
     def _remove_worker(self, worker: WorkerState, reason: str, wall: float) -> None:
         log.warning("%s; %d tasks go back to the queue", reason, len(worker.leases))
         del self.workers[worker.name]
-        self.ring.remove(worker.name)
+        self.placement.leave(worker.name)
         for lease in list(worker.leases.values()):
             self._lease_lost(lease, reason, wall)
-        self._unpark_all()
 
     # ------------------------------------------------------------ dispatch
 
-    def _unpark_all(self) -> None:
-        """Ring membership changed: keyed jobs may have a new owner."""
-        for jobs in self.parked.values():
-            while jobs:
-                self.queue.add_back(jobs.pop())
-        self.parked.clear()
-
-    def _dispatch(self, wall: float) -> None:
-        """Lease queued jobs to workers with credit, keyed ones only to their owner."""
-        credit = sum(max(0, w.credit) for w in self.workers.values())
-        if credit <= 0:
-            return
+    def _dispatch(self) -> None:
+        """Lease queued jobs to workers with credit; one TASK message per worker."""
         batches: dict[str, list[Lease]] = {}
-        for name, parked in self.parked.items():
-            worker = self.workers[name]
-            while parked and worker.credit > 0:
-                self._grant(parked.popleft(), worker, batches)
-                credit -= 1
-        parked_total = sum(len(q) for q in self.parked.values())
-        workers = self.workers
-        has_room: Callable[[str], bool] = lambda name: workers[name].credit > 0  # noqa: E731
-        while credit > 0 and parked_total < self.settings.queue_window:
-            job = self.queue.pop()
-            if job is None:
-                break
-            if job.key is not None:  # affinity: a keyed job waits for its owner
-                owner = self.ring.owner(job.key)
-                if owner is None:
-                    self.queue.add_back(job)
-                    break
-                if workers[owner].credit <= 0:
-                    self.parked.setdefault(owner, collections.deque()).append(job)
-                    parked_total += 1
-                    continue
-            else:  # bounded loads: walk clockwise to the first worker with room
-                owner = self.ring.assign(job.ring_key, has_room)
-                if owner is None:
-                    self.queue.add_back(job)
-                    break
-            self._grant(job, workers[owner], batches)
-            credit -= 1
+        for job, worker in self.placement.place(self.workers):
+            self._grant(job, worker, batches)
         for name, leases in batches.items():
             self._send_tasks(self.workers[name], leases)
 

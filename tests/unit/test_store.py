@@ -1,0 +1,89 @@
+"""The task log on its own: schema, pragmas and the guards in its SQL."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from taskring.broker.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "t.db", synchronous="full")
+    yield s
+    s.close()
+
+
+def add_task(store: Store, name: str = "t.add") -> int:
+    task_id = store.allocate_id()
+    with store.turn():
+        store.insert_tasks([(task_id, name, b"\x92\x90\x80", None, 3, "c", 1, 0, None)], 1.0)
+    return task_id
+
+
+def test_new_log_is_wal_owner_only_and_migrated_once(tmp_path):
+    path = tmp_path / "t.db"
+    Store(path).close()
+    again = Store(path)  # applying migrations twice must be harmless
+    assert again.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert again.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    applied = again.conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0]
+    assert applied == 1
+    again.close()
+
+
+def test_bad_synchronous_setting_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="synchronous"):
+        Store(tmp_path / "t.db", synchronous="off")
+
+
+def test_ids_continue_after_reopen(tmp_path):
+    s = Store(tmp_path / "t.db")
+    first = add_task(s)
+    s.close()
+    s = Store(tmp_path / "t.db")
+    assert s.allocate_id() == first + 1
+    s.close()
+
+
+def test_a_rolled_back_turn_leaves_nothing(store):
+    task_id = store.allocate_id()
+    with pytest.raises(RuntimeError), store.turn():
+        store.insert_tasks([(task_id, "t.add", b"", None, 3, "c", 1, 0, None)], 1.0)
+        raise RuntimeError("crash before commit")
+    assert store.views([task_id]) == {}
+    assert store.history(task_id) == []
+
+
+def test_finish_is_fenced_by_attempt(store):
+    task_id = add_task(store)
+    with store.turn():
+        store.lease([(task_id, 2, "w1")], 2.0)
+        store.finish(task_id, 1, "w0", "succeeded", b"\x01", None, 3.0)  # a stale attempt
+    assert store.views([task_id])[task_id]["state"] == "running"
+    with store.turn():
+        store.finish(task_id, 2, "w1", "succeeded", b"\x01", None, 3.0)
+    assert store.views([task_id])[task_id]["state"] == "succeeded"
+
+
+def test_checkpoint_never_goes_backwards(store):
+    task_id = add_task(store)
+    with store.turn():
+        store.lease([(task_id, 1, "w1")], 2.0)
+        store.checkpoint(task_id, 1, "w1", 5, b"five", 3.0)
+        store.checkpoint(task_id, 1, "w1", 4, b"four", 4.0)
+    row = store.running()[0]
+    assert (row["checkpoint"], row["checkpoint_no"]) == (b"five", 5)
+
+
+def test_request_dedup_lookup_and_idempotency_keys(store):
+    task_id = store.allocate_id()
+    with store.turn():
+        store.insert_tasks([(task_id, "t.add", b"", None, 3, "c-1", 9, 0, "order-7")], 1.0)
+    assert store.find_request("c-1", 9) == {0: task_id}
+    assert store.find_request("c-1", 10) == {}
+    assert store.find_idempotency_keys(["order-7", "order-8"]) == {"order-7": task_id}
