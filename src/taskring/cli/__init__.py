@@ -1,0 +1,5 @@
+"""The `taskring` command line (typer)."""
+
+from taskring.cli.app import app, main
+
+__all__ = ["app", "main"]

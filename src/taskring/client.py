@@ -1,0 +1,697 @@
+"""The Python API for pushing tasks and reading their results.
+
+A Client owns one DEALER socket and is used from one thread. Every request
+carries a sequence number; the client keeps its frames until the broker's
+REPLY (or ERROR) with that number arrives and resends the very same frames
+when the answer is late (reliable.Outstanding), so a lost message costs a
+resend, never a second task: the broker deduplicates on (client id, seq).
+An answer whose seq is no longer outstanding (a duplicate, or one that came
+after its request was given up) is dropped on receipt.
+
+NOTIFY messages (a task reached a final state) may arrive at any moment,
+between or inside other requests; they are buffered until `wait`, `result`
+or `as_completed` looks at them. They are only a hint (the broker forgets
+its watches when it restarts), so waiting also asks again with GET about
+once a second.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import msgpack
+import zmq
+
+from taskring import protocol
+from taskring.errors import (
+    BrokerUnavailable,
+    RequestRejected,
+    ResultTimeout,
+    TaskFailed,
+    TaskNotFound,
+    TaskringError,
+)
+from taskring.reliable import Backoff, Outstanding
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+_LIMITS = protocol.DEFAULT_LIMITS
+# Final views pushed by NOTIFY and not yet read. Oldest are dropped past this:
+# a dropped hint only means the safety-net GET finds the state instead.
+_MAX_BUFFERED_NOTIFY = 100_000
+# Ids the safety-net GET asks about per round, after the first round asked about all.
+_REPOLL_IDS = 5_000
+# Messages handled per socket wake-up before timers get a turn.
+_MAX_DRAIN = 10_000
+
+
+def _malformed(what: str) -> TaskringError:
+    return TaskringError(f"malformed answer from the broker: {what}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------- task views
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """One task as the broker reported it (a protocol task view, checked)."""
+
+    id: int
+    name: str
+    state: str
+    key: str | None
+    attempt: int
+    max_attempts: int
+    worker: str | None
+    error: str | None
+    created_at: float
+    updated_at: float
+    packed_result: bytes | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        """True once the task is succeeded, failed or dead (it will not change again)."""
+        return self.state in protocol.FINAL_STATES
+
+    @property
+    def ok(self) -> bool:
+        return self.state == protocol.SUCCEEDED
+
+    @property
+    def value(self) -> Any:
+        """The task's return value, unpacked; None until it succeeded."""
+        if self.packed_result is None:
+            return None
+        try:
+            return protocol.unpack(self.packed_result)
+        except protocol.ProtocolError as e:
+            raise _malformed(f"result of task {self.id} is not msgpack: {e}") from e
+
+    @classmethod
+    def from_view(cls, view: Any) -> TaskInfo:
+        """Check a view from the wire; raises TaskringError when a field is wrong."""
+        if not isinstance(view, dict):
+            raise _malformed("a task view is not a map")
+        values: dict[str, Any] = {}
+        for name, kind, optional in _VIEW_FIELDS:
+            value = view.get(name)
+            if value is None and optional:
+                values[name] = None
+                continue
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise _malformed(f"task view field {name!r} is {type(value).__name__}")
+            values[name] = value
+        return cls(
+            id=values["id"],
+            name=values["name"],
+            state=values["state"],
+            key=values["key"],
+            attempt=values["attempt"],
+            max_attempts=values["max_attempts"],
+            worker=values["worker"],
+            error=values["error"],
+            created_at=float(values["created_at"]),
+            updated_at=float(values["updated_at"]),
+            packed_result=values["result"],
+        )
+
+
+_VIEW_FIELDS: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
+    ("id", int, False),
+    ("name", str, False),
+    ("state", str, False),
+    ("key", str, True),
+    ("attempt", int, False),
+    ("max_attempts", int, False),
+    ("worker", str, True),
+    ("error", str, True),
+    ("created_at", (int, float), False),
+    ("updated_at", (int, float), False),
+    ("result", bytes, True),
+)
+
+
+def _outcome(info: TaskInfo) -> Any:
+    """The value of a finished task, or TaskFailed."""
+    if info.state == protocol.SUCCEEDED:
+        return info.value
+    raise TaskFailed(info.id, info.state, info.error)
+
+
+class TaskHandle:
+    """A submitted task: its id, and shortcuts to ask the client about it.
+
+    `unknown_name` is True when no worker had ever registered the task's name
+    at submit time (the task is queued until one does); `known_names` then
+    lists the names the broker knows.
+    """
+
+    __slots__ = ("_client", "id", "known_names", "unknown_name")
+
+    def __init__(
+        self,
+        client: Client,
+        task_id: int,
+        *,
+        unknown_name: bool = False,
+        known_names: tuple[str, ...] = (),
+    ) -> None:
+        self._client = client
+        self.id = task_id
+        self.unknown_name = unknown_name
+        self.known_names = known_names
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._client.result(self.id, timeout)
+
+    def status(self) -> TaskInfo:
+        return self._client.status(self.id)
+
+    def __repr__(self) -> str:
+        return f"TaskHandle(id={self.id})"
+
+
+# ---------------------------------------------------------------- the client
+
+
+class Client:
+    """A connection to the broker for submitting tasks and reading results.
+
+    `timeout_s` bounds how long one request may go unanswered (it is resent
+    meanwhile with `backoff`); past it the request raises BrokerUnavailable.
+    `repoll_s` is how often waiting asks again with GET. Not thread-safe:
+    use one Client per thread.
+    """
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        timeout_s: float = 10.0,
+        backoff: Backoff | None = None,
+        repoll_s: float = 1.0,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        if timeout_s <= 0 or repoll_s <= 0:
+            raise ValueError("timeout_s and repoll_s must be positive")
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.repoll_s = repoll_s
+        self.identity = b"c-" + uuid.uuid4().hex.encode()
+        self._out = Outstanding(backoff)
+        self._answers: dict[int, tuple[bytes, dict[str, Any]]] = {}
+        self._notified: dict[int, dict[str, Any]] = {}
+        sock: zmq.Socket[bytes] = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        # Come back quickly after a broker restart; notice a dead peer in seconds.
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            raise TaskringError(f"cannot connect to {endpoint!r}: {e}") from e
+        self._sock = sock
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.endpoint!r})"
+
+    # ------------------------------------------------------------ submitting
+
+    def submit(
+        self,
+        name: str,
+        /,
+        *args: Any,
+        key: str | None = None,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        strict: bool = False,
+    ) -> TaskHandle:
+        """Queue one task; returns once the broker has committed it.
+
+        Tasks with the same `key` go to the same worker while it lives. An
+        `idempotency_key` already used returns the existing task's id, which
+        makes a submit safe to repeat after BrokerUnavailable. With `strict`,
+        a name no worker ever registered raises RequestRejected
+        ("unknown-task") and stores nothing.
+        """
+        item: dict[str, Any] = {"name": name, "payload": _payload(name, 0, args, kwargs or {})}
+        if key is not None:
+            item["key"] = key
+        if idempotency_key is not None:
+            item["idem"] = idempotency_key
+        if max_attempts is not None:
+            item["max_attempts"] = max_attempts
+        reply = self._request(protocol.SUBMIT, {"tasks": [item], "watch": False, "strict": strict})
+        (task_id,) = _reply_ids(reply, 1)
+        unknown, known = _unknown_names(reply)
+        if unknown:
+            log.warning(
+                "no worker has registered task %r yet; it stays queued until one does "
+                "(known tasks: %s)",
+                name,
+                ", ".join(known) or "none",
+            )
+        return TaskHandle(self, task_id, unknown_name=bool(unknown), known_names=known)
+
+    def submit_many(
+        self,
+        name: str,
+        arglist: Iterable[Sequence[Any]],
+        *,
+        key: Callable[[Sequence[Any]], str | None] | None = None,
+        batch: int = 500,
+        window: int = 8,
+        strict: bool = False,
+    ) -> list[int]:
+        """Queue one task per argument sequence; returns their ids in input order.
+
+        Every argument sequence is encoded before anything is sent, so an
+        argument msgpack cannot carry raises TypeError and queues nothing.
+        Tasks travel `batch` to a SUBMIT with up to `window` SUBMITs in
+        flight. If the broker rejects a batch (RequestRejected), the batches
+        it had already accepted stay queued.
+        """
+        if not 1 <= batch <= _LIMITS.max_batch:
+            raise ValueError(f"batch must be 1..{_LIMITS.max_batch}")
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        items = _encode_many(name, arglist, key)
+        batches = [items[i : i + batch] for i in range(0, len(items), batch)]
+        ids: list[list[int]] = [[] for _ in batches]
+        in_flight: dict[int, tuple[int, float]] = {}  # seq -> (batch index, deadline)
+        sent = answered = 0
+        warned = False
+        try:
+            while answered < len(batches):
+                # The first batch goes alone: every batch has the same name, so a
+                # strict rejection comes before anything else is stored.
+                limit = 1 if answered == 0 else window
+                while sent < len(batches) and len(in_flight) < limit:
+                    body = {"tasks": batches[sent], "watch": False, "strict": strict}
+                    seq = self._start(protocol.SUBMIT, body)
+                    in_flight[seq] = (sent, time.monotonic() + self.timeout_s)
+                    sent += 1
+                progressed = False
+                for seq in [s for s in in_flight if s in self._answers]:
+                    reply = self._take(seq)
+                    index, _ = in_flight.pop(seq)
+                    ids[index] = _reply_ids(reply, len(batches[index]))
+                    answered += 1
+                    progressed = True
+                    unknown, known = _unknown_names(reply)
+                    if unknown and not warned:
+                        warned = True
+                        log.warning(
+                            "no worker has registered task %r yet; its tasks stay queued "
+                            "until one does (known tasks: %s)",
+                            name,
+                            ", ".join(known) or "none",
+                        )
+                if progressed or not in_flight:
+                    continue
+                deadline = min(d for _, d in in_flight.values())
+                if time.monotonic() >= deadline:
+                    raise self._unavailable()
+                self._pump(deadline)
+        finally:
+            self._forget(in_flight)
+        return [task_id for chunk in ids for task_id in chunk]
+
+    # ------------------------------------------------------------ reading
+
+    def status(self, task_id: int) -> TaskInfo:
+        """The task's current state; raises TaskNotFound for an unknown id."""
+        reply = self._request(protocol.GET, {"ids": [task_id], "watch": False})
+        (view,) = _reply_views(reply, [task_id])
+        if view is None:
+            raise TaskNotFound(f"no task with id {task_id}")
+        return TaskInfo.from_view(view)
+
+    def result(self, task_id: int, timeout: float | None = None) -> Any:
+        """Wait for the task to finish and return its value.
+
+        Raises TaskFailed (state failed or dead), TaskNotFound, or
+        ResultTimeout when `timeout` seconds pass first (None: no limit).
+        """
+        info = self.wait([task_id], timeout)[task_id]
+        if not info.done:
+            raise ResultTimeout(
+                f"task {task_id} did not finish within {timeout:g} s (state: {info.state})"
+            )
+        return _outcome(info)
+
+    def wait(self, ids: Iterable[int], timeout: float | None = None) -> dict[int, TaskInfo]:
+        """Wait until every task is final or `timeout` seconds pass (None: no limit).
+
+        Returns the latest TaskInfo of each id, in input order; at a timeout
+        some of them are not `done`. Raises TaskNotFound for an unknown id.
+        """
+        latest: dict[int, TaskInfo] = {}
+        order = list(dict.fromkeys(ids))
+        for _ in self._watch(order, timeout, latest):
+            pass
+        return {task_id: latest[task_id] for task_id in order}
+
+    def as_completed(self, ids: Iterable[int], timeout: float | None = None) -> Iterator[TaskInfo]:
+        """Yield each task's final TaskInfo as it finishes.
+
+        Raises ResultTimeout if some are not final after `timeout` seconds.
+        """
+        latest: dict[int, TaskInfo] = {}
+        order = list(dict.fromkeys(ids))
+        yield from self._watch(order, timeout, latest)
+        unfinished = sum(1 for info in latest.values() if not info.done)
+        if unfinished:
+            raise ResultTimeout(f"{unfinished} of {len(order)} tasks did not finish in time")
+
+    def broker_status(self) -> dict[str, Any]:
+        """Workers (load, capacity, ring share), task counts by state, broker facts."""
+        reply = self._request(protocol.STATUS, {})
+        reply.pop("seq", None)
+        return reply
+
+    def list_tasks(
+        self,
+        state: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[TaskInfo]:
+        """Tasks newest first, optionally only one state or name; page with before_id."""
+        reply = self._request(
+            protocol.TASKS, {"state": state, "name": name, "limit": limit, "before_id": before_id}
+        )
+        views = reply.get("tasks")
+        if not isinstance(views, list):
+            raise _malformed("TASKS reply has no task list")
+        return [TaskInfo.from_view(view) for view in views]
+
+    def history(self, task_id: int) -> tuple[TaskInfo | None, list[dict[str, Any]]]:
+        """The task's current view (None if unknown) and its event log, oldest first."""
+        reply = self._request(protocol.HISTORY, {"id": task_id})
+        events = reply.get("events")
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            raise _malformed("HISTORY reply has no event list")
+        view = reply.get("task")
+        return (TaskInfo.from_view(view) if view is not None else None), events
+
+    # ------------------------------------------------------------ waiting
+
+    def _watch(
+        self, order: list[int], timeout: float | None, latest: dict[int, TaskInfo]
+    ) -> Iterator[TaskInfo]:
+        """Yield final infos as tasks finish; record every info seen in `latest`.
+
+        The deadline is only honoured once every id has been seen (one GET
+        round), so `wait(ids, timeout=0)` is a single poll of their states.
+        """
+        pending = set(order)
+        rotation = collections.deque(order)  # ids in the order the safety net asks again
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gets: dict[int, tuple[list[int], float]] = {}  # seq -> (ids asked, answer deadline)
+        next_poll = time.monotonic()
+        first_round = True
+        try:
+            while pending:
+                finished: list[TaskInfo] = []
+                for task_id in [t for t in self._notified if t in pending]:
+                    finished.append(TaskInfo.from_view(self._notified.pop(task_id)))
+                for seq in [s for s in gets if s in self._answers]:
+                    asked, _ = gets.pop(seq)
+                    views = _reply_views(self._take(seq), asked)
+                    for task_id, view in zip(asked, views, strict=True):
+                        if view is None:
+                            raise TaskNotFound(f"no task with id {task_id}")
+                        info = TaskInfo.from_view(view)
+                        if task_id in pending:
+                            latest[task_id] = info
+                            if info.done:
+                                finished.append(info)
+                for info in finished:
+                    if info.id in pending:
+                        pending.discard(info.id)
+                        latest[info.id] = info
+                        yield info
+                if not pending:
+                    return
+                now = time.monotonic()
+                if not gets and now >= next_poll:
+                    # watch=True (re)registers the NOTIFY, also after a broker restart.
+                    # The first round asks about every id; later rounds take turns,
+                    # at most _REPOLL_IDS a round, so a wait on 100,000 tasks does not
+                    # make the broker read them all every second.
+                    budget = len(pending) if first_round else min(len(pending), _REPOLL_IDS)
+                    first_round = False
+                    asked_ids: list[int] = []
+                    # rotation holds every pending id once (finished ones drop out
+                    # here), so this collects `budget` distinct ids.
+                    while len(asked_ids) < budget:
+                        task_id = rotation.popleft()
+                        if task_id in pending:
+                            asked_ids.append(task_id)
+                            rotation.append(task_id)
+                    for i in range(0, len(asked_ids), _LIMITS.max_batch):
+                        chunk = asked_ids[i : i + _LIMITS.max_batch]
+                        seq = self._start(protocol.GET, {"ids": chunk, "watch": True})
+                        gets[seq] = (chunk, now + self.timeout_s)
+                    next_poll = now + self.repoll_s
+                    continue
+                if deadline is not None and now >= deadline and len(latest) == len(order):
+                    return
+                wake = next_poll if not gets else min(d for _, d in gets.values())
+                if gets and now >= wake:
+                    raise self._unavailable()
+                if deadline is not None and len(latest) == len(order):
+                    wake = min(wake, deadline)
+                self._pump(wake)
+        finally:
+            self._forget(gets)
+
+    # ------------------------------------------------------------ requests
+
+    def _request(self, command: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its answer, resending while it is late."""
+        seq = self._start(command, body)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while seq not in self._answers:
+                if time.monotonic() >= deadline:
+                    raise self._unavailable()
+                self._pump(deadline)
+            return self._take(seq)
+        finally:
+            self._forget((seq,))
+
+    def _start(self, command: bytes, body: dict[str, Any]) -> int:
+        seq = self._out.next_seq()
+        frames = protocol.frames(protocol.PROTOCOL_CLIENT, command, {"seq": seq, **body})
+        self._out.add(seq, frames, time.monotonic())
+        self._send(frames)
+        return seq
+
+    def _take(self, seq: int) -> dict[str, Any]:
+        """The answer to seq (which must have arrived); ERROR raises RequestRejected."""
+        command, body = self._answers.pop(seq)
+        if command == protocol.ERROR:
+            raise RequestRejected(
+                str(body.get("code") or protocol.E_INTERNAL), str(body.get("message") or "")
+            )
+        return body
+
+    def _forget(self, seqs: Iterable[int]) -> None:
+        """Give up on requests: a late answer to them will be dropped."""
+        for seq in list(seqs):
+            self._out.ack(seq)
+            self._answers.pop(seq, None)
+
+    def _unavailable(self) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"broker at {self.endpoint} did not answer within {self.timeout_s:g} s"
+        )
+
+    # ------------------------------------------------------------ socket
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # The queue towards the broker is full (it is down or slow); the
+            # resend timer tries again, so nothing more is needed here.
+            log.debug("send queue to %s is full; will resend", self.endpoint)
+
+    def _pump(self, until: float) -> None:
+        """Wait for input until `until` or the next resend, handle it, resend late requests."""
+        now = time.monotonic()
+        wake = until
+        next_due = self._out.next_due()
+        if next_due is not None:
+            wake = min(wake, next_due)
+        timeout_ms = max(0, math.ceil((wake - now) * 1000))
+        if self._sock.poll(timeout_ms, zmq.POLLIN):
+            for _ in range(_MAX_DRAIN):
+                try:
+                    parts = self._sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handle(parts)
+        for frames in self._out.due(time.monotonic()):
+            self._send(frames)
+
+    def _handle(self, parts: list[bytes]) -> None:
+        try:
+            command, body = protocol.decode_reply(parts, protocol.PROTOCOL_CLIENT)
+        except protocol.ProtocolError as e:
+            log.warning("ignored a malformed message from the broker: %s", e)
+            return
+        if command == protocol.NOTIFY:
+            self._buffer_notify(body)
+            return
+        if command not in (protocol.REPLY, protocol.ERROR):
+            log.warning("ignored unexpected command %r from the broker", command)
+            return
+        seq = body.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool) and self._out.ack(seq) is not None:
+            self._answers[seq] = (command, body)
+        elif command == protocol.ERROR and seq is None:
+            log.warning("broker error: %s (%s)", body.get("message"), body.get("code"))
+        else:
+            log.debug("dropped a duplicate or late %s for seq %r", command.decode(), seq)
+
+    def _buffer_notify(self, body: dict[str, Any]) -> None:
+        views = body.get("tasks")
+        if not isinstance(views, list):
+            log.warning("ignored a NOTIFY without a task list")
+            return
+        for view in views:
+            if (
+                isinstance(view, dict)
+                and _is_int(view.get("id"))
+                and view.get("state") in protocol.FINAL_STATES
+            ):
+                self._notified[view["id"]] = view
+        while len(self._notified) > _MAX_BUFFERED_NOTIFY:
+            del self._notified[next(iter(self._notified))]
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _check_payload(name: str, index: int, payload: bytes) -> None:
+    """Refuse what the broker or a worker would: oversize, or not decodable there.
+
+    Workers decode with strict map keys (str or bytes only), so a dict with
+    int keys packs here but would fail every attempt there.
+    """
+    if len(payload) > _LIMITS.max_payload_bytes:
+        raise ValueError(
+            f"arguments #{index} of task {name!r} take {len(payload)} bytes packed; "
+            f"the limit is {_LIMITS.max_payload_bytes}"
+        )
+    try:
+        msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, TypeError) as e:
+        raise TypeError(f"arguments #{index} of task {name!r} cannot be sent: {e}") from e
+
+
+def _payload(name: str, index: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
+    try:
+        payload = protocol.pack([args, kwargs])
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"arguments #{index} of task {name!r} cannot be sent: {e}") from e
+    _check_payload(name, index, payload)
+    return payload
+
+
+def _encode_many(
+    name: str,
+    arglist: Iterable[Sequence[Any]],
+    key: Callable[[Sequence[Any]], str | None] | None,
+) -> list[dict[str, Any]]:
+    """One wire item per argument sequence, packed in a tight loop (one dict each)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    pack = packer.pack
+    no_kwargs: dict[str, Any] = {}
+    items: list[dict[str, Any]] = []
+    append = items.append
+    for index, args in enumerate(arglist):
+        if type(args) is not tuple and type(args) is not list:
+            if isinstance(args, str | bytes) or not isinstance(args, Sequence):
+                raise TypeError(
+                    f"arguments #{index} of task {name!r} must be a sequence, "
+                    f"not {type(args).__name__}"
+                )
+            args = list(args)
+        try:
+            payload = pack([args, no_kwargs])
+        except (TypeError, ValueError, OverflowError) as e:
+            raise TypeError(f"arguments #{index} of task {name!r} cannot be sent: {e}") from e
+        _check_payload(name, index, payload)
+        if key is None:
+            append({"name": name, "payload": payload})
+        else:
+            append({"name": name, "payload": payload, "key": key(args)})
+    return items
+
+
+# ---------------------------------------------------------------- reply checks
+
+
+def _reply_ids(reply: dict[str, Any], expected: int) -> list[int]:
+    ids = reply.get("ids")
+    if not isinstance(ids, list) or len(ids) != expected or not all(_is_int(i) for i in ids):
+        raise _malformed(f"SUBMIT reply must carry {expected} task ids")
+    return ids
+
+
+def _reply_views(reply: dict[str, Any], asked: list[int]) -> list[Any]:
+    views = reply.get("tasks")
+    if not isinstance(views, list) or len(views) != len(asked):
+        raise _malformed(f"GET reply must carry {len(asked)} task views")
+    for task_id, view in zip(asked, views, strict=True):
+        if view is not None and (not isinstance(view, dict) or view.get("id") != task_id):
+            raise _malformed(f"GET reply has a view that is not task {task_id}")
+    return views
+
+
+def _unknown_names(reply: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    unknown = reply.get("unknown") or []
+    known = reply.get("known") or []
+    if not isinstance(unknown, list) or not isinstance(known, list):
+        raise _malformed("SUBMIT reply has bad unknown/known name lists")
+    return tuple(str(n) for n in unknown), tuple(str(n) for n in known)

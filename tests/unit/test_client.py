@@ -1,0 +1,418 @@
+"""The client against a fake broker: a ROUTER socket the test drives by hand.
+
+The client blocks until its request is answered, so each client call runs
+in a one-thread executor while the test thread plays the broker.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import pytest
+import zmq
+
+from taskring import protocol
+from taskring.client import Client, TaskInfo
+from taskring.errors import (
+    BrokerUnavailable,
+    RequestRejected,
+    ResultTimeout,
+    TaskFailed,
+    TaskNotFound,
+)
+from taskring.reliable import Backoff
+
+T = TypeVar("T")
+FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.2)
+
+
+class FakeBroker:
+    def __init__(self, sock: zmq.Socket[bytes], endpoint: str) -> None:
+        self.sock = sock
+        self.endpoint = endpoint
+
+    def recv_raw(self, timeout_s: float = 5.0) -> list[bytes]:
+        if not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            pytest.fail(f"the fake broker received nothing from the client within {timeout_s} s")
+        return self.sock.recv_multipart()
+
+    def recv(self, timeout_s: float = 5.0) -> tuple[bytes, bytes, dict[str, Any]]:
+        """(client identity, command, body) of the next message."""
+        identity, proto, command, body = self.recv_raw(timeout_s)
+        assert proto == protocol.PROTOCOL_CLIENT
+        return identity, command, protocol.unpack(body)
+
+    def quiet(self, timeout_s: float = 0.2) -> bool:
+        """True if nothing arrives within timeout_s (a poll, not a sleep)."""
+        return not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN)
+
+    def send(self, identity: bytes, command: bytes, body: dict[str, Any]) -> None:
+        self.sock.send_multipart(
+            [identity, *protocol.frames(protocol.PROTOCOL_CLIENT, command, body)]
+        )
+
+    def reply(self, identity: bytes, seq: int, **fields: Any) -> None:
+        self.send(identity, protocol.REPLY, {"seq": seq, **fields})
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def broker(context: zmq.Context[zmq.Socket[bytes]]) -> FakeBroker:
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    return FakeBroker(sock, f"tcp://127.0.0.1:{port}")
+
+
+@pytest.fixture
+def client(broker: FakeBroker, context: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Client]:
+    with Client(broker.endpoint, timeout_s=5.0, backoff=FAST, repoll_s=0.2, context=context) as c:
+        yield c
+
+
+@pytest.fixture
+def patient_client(broker: FakeBroker, context: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Client]:
+    """A client that does not resend within a test's run, so quiet periods are quiet."""
+    slow = Backoff(initial_s=10.0)
+    with Client(broker.endpoint, timeout_s=20.0, backoff=slow, context=context) as c:
+        yield c
+
+
+@pytest.fixture
+def in_thread() -> Iterator[Callable[..., Future[Any]]]:
+    with ThreadPoolExecutor(1) as pool:
+
+        def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+            return pool.submit(fn, *args, **kwargs)
+
+        yield run
+
+
+def view(task_id: int, state: str = protocol.QUEUED, **fields: Any) -> dict[str, Any]:
+    row = {
+        "id": task_id,
+        "name": "add",
+        "state": state,
+        "key": None,
+        "attempt": 0,
+        "max_attempts": 3,
+        "worker": None,
+        "result": None,
+        "error": None,
+        "created_at": 1.0,
+        "updated_at": 2.0,
+    }
+    row.update(fields)
+    return protocol.task_view(row)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- submit
+
+
+def test_submit_returns_the_id_from_the_reply(client, broker, in_thread):
+    # Given a client submitting add(1, 2) with a key
+    pending = in_thread(client.submit, "add", 1, 2, key="user-7", kwargs={"z": 3})
+    # When the broker answers with id 41
+    identity, command, body = broker.recv()
+    broker.reply(identity, body["seq"], ids=[41], unknown=[])
+    # Then the handle carries that id, and the SUBMIT carried the packed call
+    handle = pending.result(timeout=5)
+    assert handle.id == 41 and not handle.unknown_name
+    assert command == protocol.SUBMIT
+    (item,) = body["tasks"]
+    assert item["name"] == "add" and item["key"] == "user-7"
+    assert protocol.unpack(item["payload"]) == [[1, 2], {"z": 3}]
+    assert identity.startswith(b"c-")
+
+
+def test_a_dropped_submit_is_resent_with_the_same_seq_and_frames(client, broker, in_thread):
+    # Given a broker that drops the first SUBMIT
+    pending = in_thread(client.submit, "add", 1, 2)
+    first = broker.recv_raw()
+    # When the client's resend arrives and is answered
+    second = broker.recv_raw()
+    seq = protocol.unpack(second[3])["seq"]
+    broker.reply(second[0], seq, ids=[5], unknown=[])
+    # Then the resend is the very same message, and the submit succeeds once
+    assert second == first
+    assert pending.result(timeout=5).id == 5
+
+
+def test_no_broker_raises_broker_unavailable(context):
+    # Given an endpoint nobody listens on and a short timeout
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with (
+        Client(endpoint, timeout_s=0.3, backoff=FAST, context=context) as client,
+        # When submitting, Then the client gives up with a readable sentence
+        pytest.raises(BrokerUnavailable, match=r"did not answer within 0.3 s"),
+    ):
+        client.submit("add", 1, 2)
+
+
+def test_unencodable_arguments_raise_type_error_before_sending(client, broker):
+    # Given arguments msgpack cannot carry (an object; a dict with int keys)
+    # When submitting them, Then TypeError is raised and nothing reaches the broker
+    with pytest.raises(TypeError, match="cannot be sent"):
+        client.submit("add", object())
+    with pytest.raises(TypeError, match="cannot be sent"):
+        client.submit("add", {1: "one"})
+    with pytest.raises(TypeError):
+        client.submit_many("add", [[1], [object()]])
+    assert broker.quiet(0.1)
+
+
+def test_error_reply_raises_request_rejected(client, broker, in_thread):
+    # Given a strict submit of a name no worker registered
+    pending = in_thread(client.submit, "nope", strict=True)
+    identity, _, body = broker.recv()
+    assert body["strict"] is True
+    # When the broker answers ERROR unknown-task
+    broker.send(
+        identity,
+        protocol.ERROR,
+        protocol.error_body(
+            body["seq"], protocol.E_UNKNOWN_TASK, "unknown task 'nope'; known: add"
+        ),
+    )
+    # Then the client raises RequestRejected with the code and message
+    with pytest.raises(RequestRejected) as caught:
+        pending.result(timeout=5)
+    assert caught.value.code == protocol.E_UNKNOWN_TASK
+    assert "known: add" in caught.value.message
+
+
+def test_unknown_name_is_recorded_on_the_handle(client, broker, in_thread, caplog):
+    # Given a non-strict submit of a name no worker registered
+    pending = in_thread(client.submit, "nope")
+    identity, _, body = broker.recv()
+    # When the reply lists it as unknown
+    broker.reply(identity, body["seq"], ids=[3], unknown=["nope"], known=["add", "mul"])
+    # Then the handle says so and a warning is logged (not warnings.warn)
+    handle = pending.result(timeout=5)
+    assert handle.unknown_name and handle.known_names == ("add", "mul")
+    assert "known tasks: add, mul" in caplog.text
+
+
+def test_a_duplicate_reply_is_ignored(client, broker, in_thread):
+    # Given a submit answered twice (as after a resend)
+    pending = in_thread(client.submit, "add", 1)
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], ids=[1], unknown=[])
+    broker.reply(identity, body["seq"], ids=[1], unknown=[])
+    assert pending.result(timeout=5).id == 1
+    # When the next request is answered
+    pending = in_thread(client.submit, "add", 2)
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], ids=[2], unknown=[])
+    # Then it gets its own answer, not the stale duplicate
+    assert pending.result(timeout=5).id == 2
+
+
+# ---------------------------------------------------------------- submit_many
+
+
+def test_submit_many_keeps_at_most_window_in_flight_and_keeps_order(
+    patient_client, broker, in_thread
+):
+    # Given 95 tasks in batches of 10 with a window of 3
+    window, n = 3, 95
+    pending = in_thread(
+        patient_client.submit_many,
+        "add",
+        ([i, i] for i in range(n)),
+        key=lambda args: f"user-{args[0] % 7}",
+        batch=10,
+        window=window,
+    )
+    # When the broker answers only once the client goes quiet, newest first
+    in_flight: dict[int, tuple[bytes, list[Any]]] = {}
+    most = answered = 0
+    keys = set()
+    while answered < 10:
+        if not broker.quiet(0.2):
+            identity, command, body = broker.recv()
+            assert command == protocol.SUBMIT
+            in_flight[body["seq"]] = (identity, body["tasks"])
+            most = max(most, len(in_flight))
+            assert len(in_flight) <= window
+            continue
+        assert in_flight, "the client went quiet with nothing in flight"
+        for seq in sorted(in_flight, reverse=True):
+            identity, items = in_flight.pop(seq)
+            keys.update(item["key"] for item in items)
+            ids = [1000 + protocol.unpack(item["payload"])[0][0] for item in items]
+            broker.reply(identity, seq, ids=ids, unknown=[])
+            answered += 1
+    # Then the window was used but never exceeded, and ids come back in input order
+    assert most == window
+    assert pending.result(timeout=5) == [1000 + i for i in range(n)]
+    assert keys == {f"user-{i}" for i in range(7)}
+
+
+def test_submit_many_sends_the_first_batch_alone(patient_client, broker, in_thread):
+    # Given a strict submit_many of several batches
+    pending = in_thread(
+        patient_client.submit_many, "add", [[i] for i in range(30)], batch=10, strict=True
+    )
+    identity, _, body = broker.recv()
+    # When the first batch is not answered yet
+    # Then no other batch is sent (a strict rejection stores nothing)
+    assert broker.quiet(0.2)
+    broker.send(identity, protocol.ERROR, protocol.error_body(body["seq"], "unknown-task", "no"))
+    with pytest.raises(RequestRejected):
+        pending.result(timeout=5)
+
+
+# ---------------------------------------------------------------- results
+
+
+def test_result_returns_on_notify(client, broker, in_thread):
+    # Given a client waiting for task 9, which is still running
+    pending = in_thread(client.result, 9)
+    identity, command, body = broker.recv()
+    assert command == protocol.GET and body["ids"] == [9] and body["watch"] is True
+    broker.reply(identity, body["seq"], tasks=[view(9, protocol.RUNNING)])
+    # When the broker pushes a NOTIFY with its result
+    done = view(9, protocol.SUCCEEDED, result=protocol.pack({"sum": 42}))
+    broker.send(identity, protocol.NOTIFY, {"tasks": [done]})
+    # Then result() returns the unpacked value
+    assert pending.result(timeout=5) == {"sum": 42}
+
+
+def test_result_returns_on_a_re_get_when_no_notify_comes(client, broker, in_thread):
+    # Given a client waiting for task 9 and a broker that never sends NOTIFY
+    pending = in_thread(client.result, 9)
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], tasks=[view(9, protocol.RUNNING)])
+    # When the client asks again (safety-net GET) and the task is done by then
+    identity, command, body = broker.recv()
+    assert command == protocol.GET and body["ids"] == [9]
+    broker.reply(
+        identity, body["seq"], tasks=[view(9, protocol.SUCCEEDED, result=protocol.pack(7))]
+    )
+    # Then result() returns
+    assert pending.result(timeout=5) == 7
+
+
+def test_notify_buffered_between_requests_is_used_by_result(client, broker, in_thread):
+    # Given a NOTIFY that arrives while the client waits for something else
+    pending = in_thread(client.submit, "add", 1)
+    identity, _, body = broker.recv()
+    broker.send(
+        identity, protocol.NOTIFY, {"tasks": [view(4, protocol.SUCCEEDED, result=protocol.pack(5))]}
+    )
+    broker.reply(identity, body["seq"], ids=[4], unknown=[])
+    handle = pending.result(timeout=5)
+    # When asking for the task's result, Then it comes from the buffer without a GET
+    assert handle.result(timeout=1) == 5
+    assert broker.quiet(0.1)
+
+
+def test_failed_task_raises_task_failed(client, broker, in_thread):
+    pending = in_thread(client.result, 2)
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], tasks=[view(2, protocol.DEAD, error="worker lost 3 times")])
+    with pytest.raises(TaskFailed, match="task 2 dead: worker lost 3 times"):
+        pending.result(timeout=5)
+
+
+def test_unknown_task_raises_task_not_found(client, broker, in_thread):
+    pending = in_thread(client.status, 77)
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], tasks=[None])
+    with pytest.raises(TaskNotFound, match="no task with id 77"):
+        pending.result(timeout=5)
+
+
+def test_result_timeout(client, broker, in_thread):
+    # Given a task that stays running
+    pending = in_thread(client.result, 3, 0.3)
+    # When the broker keeps answering "running"
+    while not pending.done():
+        if broker.sock.poll(100, zmq.POLLIN):
+            identity, _, body = broker.recv()
+            broker.reply(identity, body["seq"], tasks=[view(3, protocol.RUNNING)])
+    # Then result() raises ResultTimeout naming the state
+    with pytest.raises(ResultTimeout, match="state: running"):
+        pending.result(timeout=5)
+
+
+def test_wait_gets_many_in_batches_of_at_most_1000(client, broker, in_thread):
+    # Given 2500 ids to wait for
+    ids = list(range(1, 2501))
+    pending = in_thread(client.wait, ids)
+    # When each GET is answered with the tasks succeeded
+    asked: list[int] = []
+    while len(asked) < len(ids):
+        identity, command, body = broker.recv()
+        assert command == protocol.GET and len(body["ids"]) <= 1000
+        asked.extend(body["ids"])
+        broker.reply(
+            identity, body["seq"], tasks=[view(i, protocol.SUCCEEDED) for i in body["ids"]]
+        )
+    # Then wait returns every id, in order, done
+    infos = pending.result(timeout=5)
+    assert list(infos) == ids
+    assert all(isinstance(i, TaskInfo) and i.done for i in infos.values())
+
+
+def test_broker_status_history_and_list(client, broker, in_thread):
+    pending = in_thread(client.broker_status)
+    identity, command, body = broker.recv()
+    assert command == protocol.STATUS
+    broker.reply(identity, body["seq"], workers=[], states={"queued": 2}, broker={})
+    assert pending.result(timeout=5)["states"] == {"queued": 2}
+
+    pending = in_thread(client.list_tasks, state="queued", limit=2)
+    identity, command, body = broker.recv()
+    assert command == protocol.TASKS and body["state"] == "queued" and body["limit"] == 2
+    broker.reply(identity, body["seq"], tasks=[view(2), view(1)])
+    assert [t.id for t in pending.result(timeout=5)] == [2, 1]
+
+    pending = in_thread(client.history, 1)
+    identity, command, body = broker.recv()
+    assert command == protocol.HISTORY and body["id"] == 1
+    event = {"at": 1.5, "kind": "submitted", "attempt": 0, "worker": None, "detail": None}
+    broker.reply(identity, body["seq"], task=view(1), events=[event])
+    info, events = pending.result(timeout=5)
+    assert info is not None and info.id == 1 and events == [event]
+
+
+def test_the_safety_net_get_takes_turns_when_many_tasks_are_pending(
+    client, broker, in_thread, monkeypatch
+):
+    # Given a wait on 10 tasks and a safety net of 3 ids a round
+    monkeypatch.setattr("taskring.client._REPOLL_IDS", 3)
+    ids = list(range(1, 11))
+    pending = in_thread(client.wait, ids)
+    # When the first GET (all ten) says running, and each later GET is answered done
+    identity, _, body = broker.recv()
+    assert body["ids"] == ids
+    broker.reply(identity, body["seq"], tasks=[view(i, protocol.RUNNING) for i in ids])
+    rounds: list[list[int]] = []
+    while not pending.done():
+        if not broker.sock.poll(100, zmq.POLLIN):
+            continue
+        identity, _, body = broker.recv()
+        rounds.append(body["ids"])
+        tasks = [view(i, protocol.SUCCEEDED) for i in body["ids"]]
+        broker.reply(identity, body["seq"], tasks=tasks)
+    # Then each later round asked about at most 3 distinct ids, in turn, and all finished
+    assert all(len(r) == len(set(r)) <= 3 for r in rounds)
+    assert sorted(i for r in rounds for i in r) == ids
+    assert all(info.done for info in pending.result(timeout=5).values())
