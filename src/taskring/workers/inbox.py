@@ -1,0 +1,111 @@
+"""How task threads reach the I/O loop: an Inbox of items, and Waiters for checkpoints.
+
+Task threads never touch the socket. They put an item in the Inbox, which
+wakes the I/O loop's poll through a pipe; a task checkpointing then blocks
+on its Waiter until the loop hears the broker's ACK.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import threading
+
+
+class Waiter:
+    """A task thread blocked in ctx.checkpoint() until the loop hears the broker's ACK."""
+
+    __slots__ = ("_event", "error", "stale")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.stale = False
+        self.error: BaseException | None = None
+
+    def done(self, stale: bool) -> None:
+        self.stale = stale
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._event.set()
+
+    def wait(self) -> bool:
+        self._event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.stale
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointRequest:
+    task_id: int
+    attempt: int
+    number: int
+    state: bytes
+    waiter: Waiter
+
+
+class Inbox:
+    """Task threads -> I/O loop: a deque plus a pipe whose read end sits in the zmq.Poller.
+
+    Each put writes one byte, so the loop's poll returns at once and a finished
+    task's result leaves within microseconds, not at the next poll timeout.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[object] = collections.deque()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        # Re-entrant: a signal handler may call wake() in the thread that holds it.
+        # The closed check under the lock keeps a late task from writing to a
+        # closed (and possibly reused) file descriptor.
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._r
+
+    def put(self, item: object) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._wake()
+        return True
+
+    def wake(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._wake()
+
+    def _wake(self) -> None:
+        # BlockingIOError: the pipe is full of wake-ups already; one is enough.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._w, b"\0")
+
+    def take(self) -> list[object]:
+        # Empty the pipe before the deque: an item added in between leaves its
+        # byte in the pipe, which costs one spurious wake-up and loses nothing.
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._r, 4096):
+                pass
+        items: list[object] = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
+
+    def close(self) -> list[object]:
+        """Refuse further puts; return what was never taken."""
+        with self._lock:
+            if self._closed:
+                return []
+            self._closed = True
+            os.close(self._r)
+            os.close(self._w)
+        left = list(self._items)
+        self._items.clear()
+        return left

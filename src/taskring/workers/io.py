@@ -1,0 +1,444 @@
+"""The worker's I/O loop: the one thread that owns the DEALER socket.
+
+It never runs user code, so heartbeats keep flowing however long a task
+computes. Task threads (and the process pool's relay threads) reach it only
+through the Inbox; everything else (socket, held leases, unacknowledged
+messages) belongs to the loop's thread alone, so nothing here needs a lock.
+
+The loop is steppable: `poll_once(now)` waits for input at most until the next
+timer, handles what arrived, then runs the timers, on every turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket as _socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import zmq
+
+from taskring import protocol
+from taskring.errors import RequestRejected
+from taskring.protocol import PROTOCOL_WORKER, Assignment, TaskOutcome
+from taskring.reliable import Backoff, Outstanding
+from taskring.workers.errors import WorkerConfigError, WorkerStopped
+from taskring.workers.inbox import CheckpointRequest, Inbox, Waiter
+from taskring.workers.runner import failure
+from taskring.workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int]  # (task id, attempt): one lease
+
+MAX_RECV_PER_TURN = 1000  # then run the timers, so a flood of messages cannot starve them
+# Error codes after which resending the same frames can only fail again.
+FATAL_CODES = frozenset(
+    {
+        protocol.E_BAD_FRAMES,
+        protocol.E_BAD_PROTOCOL,
+        protocol.E_UNKNOWN_COMMAND,
+        protocol.E_BAD_BODY,
+        protocol.E_TOO_LARGE,
+    }
+)
+
+
+class IOLoop:
+    """Registration, heartbeats, dispatch to the pool, results and checkpoints until ACKed."""
+
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        settings: WorkerSettings,
+        name: str,
+        tasks: Mapping[str, int],
+        submit: Callable[[Assignment], None],
+        *,
+        limits: protocol.Limits = protocol.DEFAULT_LIMITS,
+        on_welcome: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.limits = limits
+        self._context = context
+        self._tasks = dict(tasks)  # name -> default max_attempts, as READY announces them
+        self._submit = submit
+        self._on_welcome = on_welcome
+        self.inbox = Inbox()
+        self._poller = zmq.Poller()
+        self._poller.register(self.inbox.fileno(), zmq.POLLIN)
+        self._socket: zmq.Socket[bytes] | None = None
+        # The settings' timing applies until WELCOME brings the broker's.
+        self._heartbeat_s = settings.heartbeat_s
+        self._liveness = settings.liveness
+        self._outstanding = Outstanding(self._backoff())
+        self._results: dict[int, list[Key]] = {}  # RESULT seq -> the leases it reports
+        self._waiters: dict[int, tuple[Waiter, int]] = {}  # CHECKPOINT seq -> (waiter, id)
+        self._finished: list[TaskOutcome] = []  # this turn's outcomes, sent as one RESULT
+        self.held: dict[Key, None] = {}  # ordered set: running, or result not yet ACKed
+        self.running: set[Key] = set()  # handed to the pool, outcome not yet back
+        self._ready_seqs: set[int] = set()  # READYs sent on this socket, any may be WELCOMEd
+        self._ready_due = 0.0
+        self._heartbeat_due = 0.0
+        self._last_heard = 0.0
+        self.welcomed = False
+        self._resend_on_welcome = False
+        self._first_delay_s = min(settings.heartbeat_s, settings.reconnect_max_s)
+        self._reconnect_delay_s = self._first_delay_s
+        self.reconnect_at = -math.inf  # monotonic time of the next connect; first turn at once
+        self._dseq = 0
+        self.registrations = 0  # WELCOMEs that registered this worker
+        self.stopping = False  # refuse new tasks: the worker is draining
+        self.closed = False
+
+    # ------------------------------------------------------------ task side (any thread)
+
+    def finished(self, outcome: TaskOutcome) -> None:
+        if not self.inbox.put(outcome):
+            log.debug("result of task %s dropped: the worker has stopped", outcome.id)
+
+    def checkpoint(self, task_id: int, attempt: int, number: int, state: bytes) -> bool:
+        """Hand a checkpoint to the loop; block until the broker ACKs it. Returns stale."""
+        waiter = Waiter()
+        if not self.inbox.put(CheckpointRequest(task_id, attempt, number, state, waiter)):
+            raise WorkerStopped("the worker stopped; the checkpoint was not stored")
+        return waiter.wait()
+
+    def wake(self) -> None:
+        self.inbox.wake()
+
+    # ------------------------------------------------------------ the loop
+
+    @property
+    def unacked(self) -> int:
+        return len(self._outstanding)
+
+    @property
+    def connected(self) -> bool:
+        return self._socket is not None
+
+    def poll_once(self, now: float | None = None, timeout_s: float | None = None) -> None:
+        """One turn: wait for input (at most until the next timer), handle it, run timers."""
+        clock = now if now is not None else time.monotonic()
+        if timeout_s is None:
+            timeout_s = self._until_next_timer(clock)
+        events = dict(self._poller.poll(math.ceil(max(0.0, timeout_s) * 1000)))
+        clock = now if now is not None else time.monotonic()
+        if self._socket is not None and self._socket in events:
+            self._read_socket(clock)
+        self._take_inbox(clock)
+        self._run_timers(clock)
+
+    def _window_s(self) -> float:
+        return self._heartbeat_s * self._liveness
+
+    def _backoff(self) -> Backoff:
+        # The first resend after one heartbeat; never wait longer than the liveness
+        # window, after which a silent broker is replaced by a new connection anyway.
+        return Backoff(initial_s=self._heartbeat_s, factor=2.0, max_s=self._window_s())
+
+    def _until_next_timer(self, now: float) -> float:
+        if self._socket is None:
+            deadlines = [self.reconnect_at]
+        else:
+            deadlines = [
+                self._heartbeat_due if self.welcomed else self._ready_due,
+                self._last_heard + self._window_s(),
+            ]
+        due = self._outstanding.next_due()
+        if due is not None:
+            deadlines.append(due)
+        return min(max(0.0, min(deadlines) - now), self._heartbeat_s)
+
+    def _run_timers(self, now: float) -> None:
+        if self._socket is None:
+            if now >= self.reconnect_at:
+                self._connect(now)
+            return
+        silent_s = now - self._last_heard
+        if silent_s > self._window_s():
+            log.warning(
+                "worker %s: broker silent for %.2f s; reconnecting in %.2f s",
+                self.name,
+                silent_s,
+                self._reconnect_delay_s,
+            )
+            self._drop_socket()
+            self.reconnect_at = now + self._reconnect_delay_s
+            self._reconnect_delay_s = min(
+                self._reconnect_delay_s * 2, self.settings.reconnect_max_s
+            )
+            return
+        if not self.welcomed and now >= self._ready_due:
+            self._send_ready(now)
+        if self.welcomed and now >= self._heartbeat_due:
+            body = {"dseq": self._dseq, "held": self._held_list()}
+            self._send(protocol.frames(PROTOCOL_WORKER, protocol.HEARTBEAT, body))
+            self._heartbeat_due = now + self._heartbeat_s
+        for frames in self._outstanding.due(now):
+            self._send(frames)
+
+    # ------------------------------------------------------------ the socket
+
+    def _connect(self, now: float) -> None:
+        s = self.settings
+        sock: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.name.encode())  # same identity on every reconnect
+        sock.setsockopt(zmq.LINGER, 0)
+        # libzmq's own reconnect and heartbeat bring the TCP link back within a
+        # second after a network cut heals; its defaults took 25 s.
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(100, min(1000, int(s.reconnect_max_s * 1000))))
+        heartbeat_ms = max(1, int(s.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * s.liveness)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        try:
+            sock.connect(s.endpoint)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            raise WorkerConfigError(f"cannot connect to {s.endpoint!r}: {e}") from e
+        self._socket = sock
+        self._poller.register(sock, zmq.POLLIN)
+        self._last_heard = now
+        self.welcomed = False
+        self._ready_seqs.clear()
+        self._resend_on_welcome = False
+        self._send_ready(now)
+        # Behind the READY on the same pipe, so the broker knows us when they arrive.
+        for frames in self._outstanding.resend_all(now):
+            self._send(frames)
+
+    def _drop_socket(self) -> None:
+        if self._socket is not None:
+            self._poller.unregister(self._socket)
+            self._socket.close(linger=0)  # drop whatever the old pipe still queues
+            self._socket = None
+        self.welcomed = False
+
+    def _send(self, frames: list[bytes]) -> bool:
+        if self._socket is None:
+            return False
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("send queue full; the message waits for its resend")
+            return False
+        return True
+
+    def _send_ready(self, now: float) -> None:
+        seq = self._outstanding.next_seq()  # one seq space: ACK and ERROR seqs stay unambiguous
+        self._ready_seqs.add(seq)
+        body = {
+            "seq": seq,
+            "capacity": self.settings.concurrency,
+            "tasks": self._tasks,
+            "held": self._held_list(),
+            "pid": os.getpid(),
+            "host": _socket.gethostname(),
+            "pool": self.settings.pool,
+        }
+        self._send(protocol.frames(PROTOCOL_WORKER, protocol.READY, body))
+        self._ready_due = now + self._heartbeat_s
+
+    def _held_list(self) -> list[list[int]]:
+        return [[task_id, attempt] for task_id, attempt in self.held]
+
+    def _read_socket(self, now: float) -> None:
+        sock = self._socket
+        for _ in range(MAX_RECV_PER_TURN):
+            if sock is None or sock is not self._socket:
+                return
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard = now  # any message is a sign of life
+            try:
+                command, body = protocol.decode_reply(parts, PROTOCOL_WORKER)
+                self._handle(command, body, now)
+            except protocol.ProtocolError as e:
+                log.warning("worker %s: bad message from the broker ignored: %s", self.name, e)
+
+    def _handle(self, command: bytes, body: dict[str, Any], now: float) -> None:
+        if command == protocol.TASK:
+            self._on_dispatch(protocol.decode_dispatch(body))
+        elif command == protocol.ACK:
+            self._on_ack(protocol.decode_ack(body))
+        elif command == protocol.HEARTBEAT:
+            pass
+        elif command == protocol.WELCOME:
+            self._on_welcome_message(protocol.decode_welcome(body), now)
+        elif command == protocol.DISCONNECT:
+            reason = body.get("reason")
+            log.info(
+                "worker %s: broker does not know us (%s); registering again", self.name, reason
+            )
+            self._register_again(now)
+        elif command == protocol.ERROR:
+            self._on_error(body, now)
+        else:
+            log.warning("worker %s: unknown command %r ignored", self.name, command[:16])
+
+    # ------------------------------------------------------------ broker messages
+
+    def _register_again(self, now: float) -> None:
+        self.welcomed = False
+        self._ready_seqs.clear()
+        self._resend_on_welcome = True  # the broker may have dropped what it did not know
+        self._send_ready(now)
+
+    def _on_welcome_message(self, welcome: protocol.Welcome, now: float) -> None:
+        if welcome.seq not in self._ready_seqs:
+            log.debug("WELCOME for a READY of an older registration ignored")
+            return
+        first = not self.welcomed
+        self.welcomed = True
+        self._dseq = 0  # dseq counts TASK messages per registration
+        self._heartbeat_s = welcome.heartbeat_s
+        self._liveness = welcome.liveness
+        self._outstanding.backoff = self._backoff()
+        self._reconnect_delay_s = self._first_delay_s
+        self._heartbeat_due = now + self._heartbeat_s
+        if self._resend_on_welcome:
+            self._resend_on_welcome = False
+            for frames in self._outstanding.resend_all(now):
+                self._send(frames)
+        if first:
+            self.registrations += 1
+            if self._on_welcome is not None:
+                self._on_welcome(self.registrations)
+
+    def _on_dispatch(self, dispatch: protocol.Dispatch) -> None:
+        self._dseq = dispatch.dseq
+        for a in dispatch.tasks:
+            key = (a.id, a.attempt)
+            if key in self.held:
+                log.warning("task %s attempt %s is already held; duplicate ignored", *key)
+                continue
+            if self.stopping:
+                reason = f"worker {self.name} is stopping; task not started"
+            elif len(self.held) >= self.settings.concurrency:
+                # The broker's credit should prevent this; never hold more than capacity.
+                reason = f"worker {self.name} is at capacity ({len(self.held)}); task not started"
+            else:
+                self.held[key] = None
+                self.running.add(key)
+                self._submit(a)
+                continue
+            log.warning("task %s attempt %s refused: %s", a.id, a.attempt, reason)
+            self._finished.append(failure(a, reason, retry=True, limits=self.limits))
+
+    def _on_ack(self, ack: protocol.Ack) -> None:
+        if self._outstanding.ack(ack.seq) is None:
+            return  # an ACK of a resend we had already seen acknowledged
+        keys = self._results.pop(ack.seq, None)
+        if keys is not None:
+            for key in keys:
+                self.held.pop(key, None)
+            if ack.stale:
+                log.info("results of superseded attempts recorded, not applied: %s", ack.stale)
+            return
+        entry = self._waiters.pop(ack.seq, None)
+        if entry is not None:
+            waiter, task_id = entry
+            waiter.done(stale=task_id in ack.stale)
+
+    def _on_error(self, body: dict[str, Any], now: float) -> None:
+        code, message, seq = str(body.get("code")), str(body.get("message")), body.get("seq")
+        log.warning("worker %s: broker error %s: %s", self.name, code, message)
+        if code == protocol.E_UNKNOWN_WORKER:
+            self._register_again(now)
+            return
+        if code not in FATAL_CODES or type(seq) is not int or seq not in self._outstanding:
+            return  # transient (or about no message of ours): the resend timer retries
+        self._outstanding.ack(seq)
+        for key in self._results.pop(seq, []):
+            log.error("broker rejected the result of task %s attempt %s; dropped", *key)
+            self.held.pop(key, None)
+        entry = self._waiters.pop(seq, None)
+        if entry is not None:
+            entry[0].fail(RequestRejected(code, message))
+
+    # ------------------------------------------------------------ task side, on the loop
+
+    def _take_inbox(self, now: float) -> None:
+        for item in self.inbox.take():
+            if isinstance(item, TaskOutcome):
+                self.running.discard((item.id, item.attempt))
+                self._finished.append(item)
+            elif isinstance(item, CheckpointRequest):
+                seq = self._outstanding.next_seq()
+                body = {
+                    "seq": seq,
+                    "id": item.task_id,
+                    "attempt": item.attempt,
+                    "number": item.number,
+                    "state": item.state,
+                }
+                frames = protocol.frames(PROTOCOL_WORKER, protocol.CHECKPOINT, body)
+                self._outstanding.add(seq, frames, now)
+                self._waiters[seq] = (item.waiter, item.task_id)
+                self._send(frames)
+        if self._finished:
+            self._send_results(now)
+
+    def _send_results(self, now: float) -> None:
+        """All of this turn's outcomes in one RESULT, split only by the message limits."""
+        budget = self.limits.max_message_bytes // 2
+        batch: list[TaskOutcome] = []
+        size = 0
+        for outcome in self._finished:
+            n = len(outcome.value or b"") + len(outcome.error or "") + 64
+            if batch and (len(batch) >= self.limits.max_batch or size + n > budget):
+                self._send_result(batch, now)
+                batch, size = [], 0
+            batch.append(outcome)
+            size += n
+        self._send_result(batch, now)
+        self._finished = []
+
+    def _send_result(self, batch: list[TaskOutcome], now: float) -> None:
+        seq = self._outstanding.next_seq()
+        results = [
+            {
+                "id": o.id,
+                "attempt": o.attempt,
+                "ok": o.ok,
+                "value": o.value,
+                "error": o.error,
+                "retry": o.retry,
+            }
+            for o in batch
+        ]
+        frames = protocol.frames(PROTOCOL_WORKER, protocol.RESULT, {"seq": seq, "results": results})
+        self._outstanding.add(seq, frames, now)
+        self._results[seq] = [(o.id, o.attempt) for o in batch]
+        self._send(frames)
+
+    # ------------------------------------------------------------ shutdown
+
+    def close(self, *, disconnect: bool, linger_s: float = 0.0) -> None:
+        """Release blocked checkpoints, say DISCONNECT if asked, close the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        stopped = WorkerStopped("the worker stopped before the broker acknowledged the checkpoint")
+        for item in self.inbox.close():
+            if isinstance(item, CheckpointRequest):
+                item.waiter.fail(stopped)
+        for waiter, _ in self._waiters.values():
+            waiter.fail(stopped)
+        self._waiters.clear()
+        if self._socket is not None:
+            if disconnect:
+                body = {"reason": "shutdown"}
+                self._send(protocol.frames(PROTOCOL_WORKER, protocol.DISCONNECT, body))
+            self._poller.unregister(self._socket)
+            # A bounded linger gives the DISCONNECT its chance without risking a hang.
+            self._socket.close(linger=int(linger_s * 1000))
+            self._socket = None

@@ -1,0 +1,302 @@
+"""Where tasks run: a pool of threads, or a pool of child processes.
+
+Both take assignments with `submit()` (never blocking the I/O loop) and report
+through a Sink: `finished(outcome)` once per assignment, and `checkpoint(...)`,
+which blocks the calling task until the broker's ACK.
+
+The process pool exists because a task that holds the GIL in C code can
+starve the I/O thread. Its children are started with "spawn" (or
+"forkserver"), never "fork", so no ZeroMQ context or socket is copied into a
+child. Parent and child talk over a multiprocessing Pipe in msgpack
+(send_bytes/recv_bytes), not pickle. One relay thread per child feeds it
+assignments and carries its checkpoints and results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from multiprocessing.connection import Connection, wait
+from typing import Any, Protocol
+
+from taskring import protocol
+from taskring.protocol import Assignment, TaskOutcome
+from taskring.registry import TaskSpec, registered
+from taskring.workers.errors import WorkerConfigError, WorkerStopped
+from taskring.workers.loading import load_modules
+from taskring.workers.runner import describe_exception, failure, run_assignment
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    def finished(self, outcome: TaskOutcome) -> None: ...
+    def checkpoint(self, task_id: int, attempt: int, number: int, state: bytes) -> bool: ...
+
+
+class Pool(Protocol):
+    def start(self, sink: Sink) -> None: ...
+    def submit(self, assignment: Assignment) -> None: ...
+    def close(self, timeout_s: float) -> None: ...
+
+
+class ThreadPool:
+    """`concurrency` daemon threads: a task stuck forever cannot keep the process alive."""
+
+    def __init__(self, concurrency: int, specs: Mapping[str, TaskSpec], limits: protocol.Limits):
+        self._concurrency = concurrency
+        self._specs = dict(specs)
+        self._limits = limits
+        self._queue: queue.SimpleQueue[Assignment | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def start(self, sink: Sink) -> None:
+        for i in range(self._concurrency):
+            t = threading.Thread(target=self._loop, args=(sink,), name=f"taskring-task-{i}")
+            t.daemon = True
+            t.start()
+            self._threads.append(t)
+
+    def submit(self, assignment: Assignment) -> None:
+        self._queue.put(assignment)
+
+    def _loop(self, sink: Sink) -> None:
+        while (a := self._queue.get()) is not None:
+            try:
+                outcome = run_assignment(a, self._specs, sink.checkpoint, limits=self._limits)
+            except BaseException as e:  # run_assignment catches all; this is the last guard
+                outcome = failure(a, describe_exception(e), retry=True, limits=self._limits)
+            sink.finished(outcome)
+
+    def close(self, timeout_s: float) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        busy = sum(t.is_alive() for t in self._threads)
+        if busy:
+            log.warning("abandoning %d task thread(s) still running", busy)
+
+
+# ---------------------------------------------------------------- the child process
+
+
+def _send(conn: Connection, message: list[Any]) -> None:
+    conn.send_bytes(protocol.pack(message))
+
+
+def _recv(conn: Connection) -> list[Any]:
+    message = protocol.unpack(conn.recv_bytes())
+    if not isinstance(message, list) or not message:
+        raise protocol.ProtocolError(protocol.E_BAD_BODY, "pool message must be a list")
+    return message
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # If the worker is SIGKILLed, do not go on running its abandoned task. The
+    # parent is the worker under spawn, the fork server under forkserver (which
+    # exits when the worker does): either way, a new parent pid means orphaned.
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def child_main(conn: Connection, modules: tuple[str, ...]) -> None:
+    """Entry point of a pool child: import the task modules, then run what the relay sends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    try:
+        load_modules(modules)
+    except WorkerConfigError as e:
+        _send(conn, ["fatal", str(e)])
+        return
+    specs = registered()
+    _send(conn, ["ready", os.getpid()])
+
+    def checkpoint(task_id: int, attempt: int, number: int, state: bytes) -> bool:
+        _send(conn, ["ckpt", task_id, attempt, number, state])
+        reply = _recv(conn)
+        if reply[0] != "ack":
+            raise WorkerStopped("the worker stopped before the broker acknowledged the checkpoint")
+        return bool(reply[1])
+
+    while True:
+        try:
+            message = _recv(conn)
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if message[0] != "run":
+            return
+        outcome = run_assignment(Assignment(*message[1]), specs, checkpoint)
+        _send(conn, ["done", list(_outcome_fields(outcome))])
+
+
+def _outcome_fields(o: TaskOutcome) -> tuple[Any, ...]:
+    return (o.id, o.attempt, o.ok, o.value, o.error, o.retry)
+
+
+# ---------------------------------------------------------------- the parent side
+
+
+class _ChildDied(Exception):
+    pass
+
+
+class _Slot:
+    """One child process and the relay thread that serves it."""
+
+    def __init__(self, pool: ProcessPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.proc: Any = None  # multiprocessing's process classes differ per start method
+        self.conn: Connection | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"taskring-relay-{index}")
+        self.thread.daemon = True
+
+    def _spawn(self) -> str | None:
+        """Start a child and wait for it to import the modules; an error message or None."""
+        parent_end, child_end = self.pool.mp.Pipe()
+        proc = self.pool.mp.Process(
+            target=child_main,
+            args=(child_end, self.pool.modules),
+            name=f"taskring-child-{self.index}",
+            daemon=True,  # never outlive the worker
+        )
+        try:
+            proc.start()
+        except OSError as e:  # out of processes or memory: fail the task, keep the relay
+            parent_end.close()
+            child_end.close()
+            return f"{type(e).__name__}: {e}"
+        child_end.close()  # so the child's death shows as EOF here
+        self.proc, self.conn = proc, parent_end
+        try:
+            hello = self._recv()
+        except _ChildDied as e:
+            return str(e)
+        if hello[0] == "fatal":
+            self._reap()
+            return str(hello[1])
+        return None
+
+    def _recv(self) -> list[Any]:
+        conn = self.conn
+        if conn is None:
+            raise _ChildDied("worker process is not running")
+        while True:
+            ready = wait([conn, self.proc.sentinel], timeout=0.5)
+            if conn in ready or (ready and conn.poll()):
+                try:
+                    return _recv(conn)
+                except (EOFError, OSError, protocol.ProtocolError):
+                    break
+            if ready:
+                break
+            if self.pool.kill_at is not None and time.monotonic() >= self.pool.kill_at:
+                self.proc.kill()  # the worker stops and this task was abandoned
+        raise _ChildDied(f"worker process died (exit code {self._reap()})")
+
+    def _reap(self) -> int | None:
+        self.proc.join(5)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join(5)
+        code: int | None = self.proc.exitcode
+        if self.conn is not None:
+            self.conn.close()
+        # No proc.close(): at interpreter exit multiprocessing may still join this
+        # object from its atexit hook; Popen's finalizer closes the fds anyway.
+        self.proc, self.conn = None, None
+        return code
+
+    def _run(self, a: Assignment, sink: Sink) -> TaskOutcome:
+        limits = self.pool.limits
+        if self.proc is not None and not self.proc.is_alive():
+            # Died while idle (OOM killer, a stray signal): not this task's fault.
+            log.warning(
+                "worker process %d died while idle (exit code %s)", self.index, self._reap()
+            )
+        if self.proc is None and (error := self._spawn()) is not None:
+            return failure(a, f"worker process cannot start: {error}", retry=True, limits=limits)
+        conn = self.conn
+        try:
+            if conn is None:
+                raise _ChildDied("worker process is not running")
+            _send(conn, ["run", [a.id, a.attempt, a.name, a.payload, a.state, a.number]])
+            while True:
+                message = self._recv()
+                if message[0] == "done":
+                    return TaskOutcome(*message[1])
+                if message[0] == "ckpt":
+                    try:
+                        reply = ["ack", sink.checkpoint(*message[1:5])]
+                    except WorkerStopped:
+                        reply = ["stopped"]
+                    _send(conn, reply)
+        except OSError:  # the pipe broke: the child is gone or going
+            self.proc.kill()
+            error = f"worker process died (exit code {self._reap()})"
+        except _ChildDied as e:
+            error = str(e)
+        return failure(a, error, retry=True, limits=limits)
+
+    def _loop(self) -> None:
+        sink = self.pool.sink
+        error = self._spawn()  # warm up now, not when the first task is waiting
+        if error is not None:
+            log.error("worker process %d cannot start: %s", self.index, error)
+        while (a := self.pool.queue.get()) is not None:
+            outcome = self._run(a, sink)
+            sink.finished(outcome)
+            # Replace a dead child at once, not when the next task is waiting.
+            if self.proc is None and self.pool.kill_at is None and (error := self._spawn()):
+                log.error("worker process %d cannot start: %s", self.index, error)
+        if self.proc is not None and self.conn is not None:
+            with contextlib.suppress(OSError):  # already gone: _reap() collects it
+                _send(self.conn, ["stop"])
+            self._reap()
+
+
+class ProcessPool:
+    def __init__(
+        self,
+        concurrency: int,
+        modules: tuple[str, ...],
+        limits: protocol.Limits,
+        start_method: str = "spawn",
+    ) -> None:
+        if not modules:
+            raise WorkerConfigError("the process pool needs settings.modules to import in children")
+        self.modules = modules
+        self.limits = limits
+        self.mp: Any = multiprocessing.get_context(
+            start_method
+        )  # typeshed lacks .Process on BaseContext
+        self.queue: queue.SimpleQueue[Assignment | None] = queue.SimpleQueue()
+        self.kill_at: float | None = None  # set by close(): children still busy then are killed
+        self.sink: Sink
+        self._slots = [_Slot(self, i) for i in range(concurrency)]
+
+    def start(self, sink: Sink) -> None:
+        self.sink = sink
+        for slot in self._slots:
+            slot.thread.start()
+
+    def submit(self, assignment: Assignment) -> None:
+        self.queue.put(assignment)
+
+    def close(self, timeout_s: float) -> None:
+        self.kill_at = time.monotonic() + timeout_s
+        for _ in self._slots:
+            self.queue.put(None)
+        deadline = self.kill_at + 10.0  # killing and reaping a child is quick
+        for slot in self._slots:
+            slot.thread.join(max(0.0, deadline - time.monotonic()))

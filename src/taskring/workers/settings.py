@@ -1,0 +1,54 @@
+"""Worker settings: one frozen dataclass, passed in by the CLI or by the user's code."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from typing import Literal
+
+from taskring.workers.errors import WorkerConfigError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """How a worker connects, what it runs and how it behaves when things go wrong.
+
+    heartbeat_s and liveness apply until the broker's WELCOME, which carries
+    the broker's own values; from then on the broker's values rule, because
+    the broker is the peer that judges this worker dead.
+    """
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    modules: tuple[str, ...] = ()
+    concurrency: int = 4
+    pool: Literal["thread", "process"] = "thread"
+    name: str | None = None  # the ZeroMQ identity and ring key; default f"{host}-{pid}"
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    reconnect_max_s: float = 8.0
+    drain_timeout_s: float = 30.0  # on stop, how long running tasks may finish
+    flush_timeout_s: float = 5.0  # then how long to wait for the broker to ACK results
+    start_method: Literal["spawn", "forkserver"] = "spawn"  # process pool only
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("thread", "process"):
+            raise WorkerConfigError(f"pool must be 'thread' or 'process', not {self.pool!r}")
+        # At most max_batch: every held lease must fit in one READY or HEARTBEAT.
+        if not 1 <= self.concurrency <= 1000:
+            raise WorkerConfigError(f"concurrency must be 1..1000, not {self.concurrency}")
+        if not self.heartbeat_s > 0 or self.liveness < 1 or not self.reconnect_max_s > 0:
+            raise WorkerConfigError("heartbeat_s and reconnect_max_s must be > 0, liveness >= 1")
+        if self.drain_timeout_s < 0 or self.flush_timeout_s < 0:
+            raise WorkerConfigError("drain_timeout_s and flush_timeout_s must be >= 0")
+        if self.start_method not in ("spawn", "forkserver"):
+            # fork would copy the parent's ZeroMQ context and sockets into the child.
+            raise WorkerConfigError("start_method must be 'spawn' or 'forkserver'")
+        if self.name is not None and not 0 < len(self.name.encode()) <= 200:
+            raise WorkerConfigError("name must be 1..200 bytes of UTF-8")
+        if isinstance(self.modules, str):
+            raise WorkerConfigError("modules must be a tuple of module names, not a string")
+
+    def worker_name(self) -> str:
+        """The name this worker registers under: `name`, or f"{host}-{pid}"."""
+        return self.name or f"{socket.gethostname()}-{os.getpid()}"

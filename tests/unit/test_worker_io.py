@@ -1,0 +1,316 @@
+"""The worker against a fake broker: registration, results, checkpoints, heartbeats, reconnects.
+
+Thread pool throughout; the process pool has its own file.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+from tests.unit import worker_tasks
+from tests.unit.worker_fakes import FakeBroker, WorkerThread, assignment, settings
+
+from taskring import protocol
+from taskring.workers.io import IOLoop
+
+Start = Callable[..., WorkerThread]
+
+
+@pytest.fixture
+def broker() -> Iterator[FakeBroker]:
+    fake = FakeBroker(heartbeat_s=0.1, liveness=3)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def start(broker: FakeBroker) -> Iterator[Start]:
+    started: list[WorkerThread] = []
+
+    def start_worker(**overrides: Any) -> WorkerThread:
+        overrides.setdefault("endpoint", broker.endpoint)
+        thread = WorkerThread(settings(**overrides))
+        started.append(thread)
+        return thread
+
+    yield start_worker
+    worker_tasks.release_all()
+    for thread in started:
+        thread.stop(drain=False)
+
+
+def test_ready_carries_capacity_tasks_and_held_and_is_resent_until_welcome(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a worker with three slots
+    w = start(concurrency=3)
+    # When the broker does not answer its READY
+    first = broker.recv(protocol.READY)
+    second = broker.recv(protocol.READY)
+    # Then it announces itself, and says it again
+    assert first["capacity"] == 3
+    assert first["tasks"]["wt.add"] == 3  # the task's default max_attempts
+    assert first["held"] == []
+    assert (first["pid"], first["pool"]) == (os.getpid(), "thread")
+    assert second["seq"] > first["seq"]
+    # When the broker welcomes the latest READY
+    broker.welcome(second["seq"])
+    # Then READY stops and heartbeats start
+    later = [command for command, _ in broker.pump(0.5)]
+    assert protocol.READY not in later
+    assert broker.heartbeats, "no heartbeat after WELCOME"
+    assert w.worker.io is not None and w.worker.io.welcomed
+
+
+def test_a_task_runs_and_its_result_comes_back(broker: FakeBroker, start: Start) -> None:
+    start()
+    broker.register()
+    broker.dispatch(assignment(7, "wt.add", 2, 3, attempt=2))
+    _, results = broker.result()
+    assert results[7]["attempt"] == 2
+    assert results[7]["ok"] is True
+    assert protocol.unpack(results[7]["value"]) == 5
+    assert results[7]["error"] is None
+
+
+def test_a_result_leaves_at_once_not_at_the_next_poll_timeout(start: Start) -> None:
+    # Long heartbeats mean long poll timeouts: only the wake-up pipe makes this fast.
+    slow = FakeBroker(heartbeat_s=2.0, liveness=3)
+    try:
+        start(endpoint=slow.endpoint, heartbeat_s=2.0)
+        slow.register()
+        slow.dispatch(assignment(1, "wt.add", 1, 1))
+        began = time.monotonic()
+        slow.result()
+        assert time.monotonic() - began < 0.5
+    finally:
+        slow.close()
+
+
+def test_a_result_is_resent_with_the_same_seq_until_acked(broker: FakeBroker, start: Start) -> None:
+    start()
+    broker.register()
+    broker.dispatch(assignment(1, "wt.add", 1, 2))
+    seq, first = broker.result()
+    again_seq, again = broker.result()  # no ACK: the same message again
+    assert (again_seq, again) == (seq, first)
+    assert broker.last_held(after=time.monotonic()) == [[1, 1]]
+    # When the broker ACKs
+    broker.ack(seq)
+    # Then no resend follows (one already on the wire may still land), and the lease is released
+    broker.pump(0.1)
+    later = broker.pump(0.8)
+    assert all(command != protocol.RESULT for command, _ in later), later
+    assert broker.last_held(after=time.monotonic()) == []
+
+
+def test_the_worker_never_holds_more_than_its_capacity(broker: FakeBroker, start: Start) -> None:
+    start(concurrency=2)
+    broker.register()
+    # When the broker oversteps the credit with a third task
+    broker.dispatch(*(assignment(i, "wt.wait", "cap") for i in (1, 2, 3)))
+    # Then the third is refused at once, for another worker or attempt
+    seq, results = broker.result()
+    assert list(results) == [3]
+    assert results[3]["ok"] is False and results[3]["retry"] is True
+    assert "at capacity" in results[3]["error"]
+    broker.ack(seq)
+    assert broker.last_held(after=time.monotonic()) == [[1, 1], [2, 1]]
+    # When the two running tasks finish and their results are ACKed
+    worker_tasks.gate("cap").set()
+    done: dict[int, Any] = {}
+    while len(done) < 2:
+        seq, results = broker.result()
+        done.update(results)
+        broker.ack(seq)
+    assert sorted(done) == [1, 2]
+    # Then held shrinks to nothing
+    assert broker.last_held(after=time.monotonic() + 0.05) == []
+
+
+def test_checkpoint_blocks_until_the_broker_acks(broker: FakeBroker, start: Start) -> None:
+    start()
+    broker.register()
+    broker.dispatch(assignment(4, "wt.checkpoint", "after-ckpt", attempt=1))
+    checkpoint = broker.recv(protocol.CHECKPOINT)
+    assert (checkpoint["id"], checkpoint["attempt"], checkpoint["number"]) == (4, 1, 1)
+    assert protocol.unpack(checkpoint["state"]) == {"step": 1}
+    # While unacknowledged, the task waits inside ctx.checkpoint() (resends may come)
+    for command, body in broker.pump(0.4):
+        assert command == protocol.CHECKPOINT and body["seq"] == checkpoint["seq"]
+    assert not worker_tasks.gate("after-ckpt").is_set(), "the task went on before the ACK"
+    # When the broker ACKs, the task continues
+    broker.ack(checkpoint["seq"])
+    assert worker_tasks.gate("after-ckpt").wait(5)
+    while True:  # a resend of the CHECKPOINT may still be on the wire
+        got = broker._next(time.monotonic() + 5)
+        assert got is not None, "no RESULT after the checkpoint's ACK"
+        if got[0] == protocol.RESULT:
+            break
+    (outcome,) = got[1]["results"]
+    assert protocol.unpack(outcome["value"]) == [{"step": 1}, 1, False]
+
+
+def test_a_resumed_task_sees_its_state_and_numbers_on(broker: FakeBroker, start: Start) -> None:
+    start()
+    broker.register()
+    broker.dispatch(assignment(9, "wt.resume", attempt=2, state={"i": 5}, number=5))
+    checkpoint = broker.recv(protocol.CHECKPOINT)
+    assert (checkpoint["attempt"], checkpoint["number"]) == (2, 6)
+    assert protocol.unpack(checkpoint["state"]) == {"i": 6}
+    # The broker says the attempt is superseded: the task is told, not killed
+    broker.ack(checkpoint["seq"], stale=[9])
+    _, results = broker.result()
+    assert protocol.unpack(results[9]["value"]) == {
+        "seen": {"i": 5},
+        "state": {"i": 6},
+        "lease_lost": True,
+    }
+
+
+def test_unpackable_checkpoint_state_fails_the_task_clearly(
+    broker: FakeBroker, start: Start
+) -> None:
+    start()
+    broker.register()
+    broker.dispatch(assignment(1, "wt.bad_state"))
+    _, results = broker.result()
+    assert results[1]["ok"] is False
+    assert results[1]["error"].startswith("TypeError: checkpoint state must be msgpack data")
+
+
+def test_unknown_task_name_is_not_retried(broker: FakeBroker, start: Start) -> None:
+    start()
+    broker.register()
+    broker.dispatch(assignment(1, "wt.nope"))
+    _, results = broker.result()
+    assert results[1]["ok"] is False and results[1]["retry"] is False
+    assert "'wt.nope'" in results[1]["error"] and "wt.add" in results[1]["error"]
+
+
+@pytest.mark.timeout(30)
+def test_heartbeats_flow_while_a_task_busy_loops(broker: FakeBroker, start: Start) -> None:
+    start()
+    broker.register()
+    window_s = broker.heartbeat_s * broker.liveness
+    broker.dispatch(assignment(1, "wt.busy", 3 * window_s))
+    began = time.monotonic()
+    _, results = broker.result(timeout_s=10)
+    ended = time.monotonic()
+    assert results[1]["ok"] is True
+    beats = [at for at, _ in broker.heartbeats if began <= at <= ended]
+    # One heartbeat per interval, give or take scheduling: never a silent window
+    assert len(beats) >= 5, f"only {len(beats)} heartbeats in {ended - began:.2f} s"
+    gaps = [b - a for a, b in zip([began, *beats], [*beats, ended], strict=True)]
+    assert max(gaps) < window_s, f"a {max(gaps):.2f} s gap in heartbeats"
+    assert broker.pump(0.05) == [], "the worker re-registered: it thought the broker was dead"
+
+
+def test_silent_broker_gets_a_new_ready_with_held_then_the_unacked_result(
+    broker: FakeBroker, start: Start
+) -> None:
+    start()
+    broker.register()
+    broker.dispatch(assignment(1, "wt.add", 1, 1), assignment(2, "wt.wait", "silent"))
+    seq, results = broker.result()
+    assert list(results) == [1]
+    # When the broker goes silent (no heartbeats, no ACK)
+    broker.beating = False
+    deadline = time.monotonic() + 5
+    while True:
+        got = broker._next(deadline)
+        assert got is not None, "the worker never re-registered after the broker went silent"
+        if got[0] == protocol.READY:
+            break
+        assert got[0] == protocol.RESULT and got[1]["seq"] == seq
+    # Then the worker reconnects and says what it still holds
+    assert sorted(got[1]["held"]) == [[1, 1], [2, 1]]
+    broker.beating = True
+    # ... and the unacknowledged result follows its READY on the new connection
+    assert broker.recv(protocol.RESULT)["seq"] == seq
+    broker.welcome(got[1]["seq"])
+    broker.ack(seq)
+    assert broker.last_held(after=time.monotonic() + 0.05) == [[2, 1]]
+
+
+def test_disconnect_from_the_broker_gets_a_new_ready(broker: FakeBroker, start: Start) -> None:
+    start()
+    broker.register()
+    broker.dispatch(assignment(5, "wt.wait", "disc"))
+    assert broker.last_held(after=time.monotonic()) == [[5, 1]]
+    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
+    ready = broker.recv(protocol.READY)
+    assert ready["held"] == [[5, 1]]
+    broker.welcome(ready["seq"])
+    worker_tasks.gate("disc").set()
+    _, results = broker.result()
+    assert protocol.unpack(results[5]["value"]) == "disc"
+
+
+def test_graceful_stop_drains_flushes_and_says_disconnect(broker: FakeBroker, start: Start) -> None:
+    w = start()
+    broker.register()
+    broker.dispatch(assignment(1, "wt.wait", "drain"))
+    assert broker.last_held(after=time.monotonic()) == [[1, 1]]
+    # When asked to stop while a task runs
+    w.worker.stop()
+    # Then a new task is refused
+    broker.dispatch(assignment(2, "wt.add", 1, 1))
+    seq, results = broker.result()
+    assert "stopping" in results[2]["error"] and results[2]["retry"] is True
+    broker.ack(seq)
+    # ... the running one finishes and its result is flushed
+    threading.Timer(0.2, worker_tasks.gate("drain").set).start()
+    seq, results = broker.result()
+    assert protocol.unpack(results[1]["value"]) == "drain"
+    broker.ack(seq)
+    # ... and the worker says goodbye and returns
+    assert broker.recv(protocol.DISCONNECT)["reason"] == "shutdown"
+    w.join(5)
+
+
+def test_stop_returns_promptly_with_no_broker_at_all(start: Start) -> None:
+    w = start(endpoint="tcp://127.0.0.1:9")  # nothing listens on the discard port
+    time.sleep(0.2)  # let it try to register
+    began = time.monotonic()
+    w.stop(drain=True)
+    assert time.monotonic() - began < 2.0
+
+
+def test_the_loop_steps_on_a_fake_clock_and_backs_off_reconnects() -> None:
+    # Given an I/O loop whose broker never answers, stepped by hand
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    s = settings(endpoint="tcp://127.0.0.1:9", heartbeat_s=0.1, liveness=3, reconnect_max_s=0.3)
+    io = IOLoop(context, s, "stepped", {"wt.add": 3}, lambda a: None)
+    try:
+        io.poll_once(now=100.0, timeout_s=0)
+        assert io.connected
+        # When the liveness window (0.3 s) passes in silence
+        io.poll_once(now=100.29, timeout_s=0)
+        assert io.connected
+        io.poll_once(now=100.31, timeout_s=0)
+        # Then it drops the socket and reconnects after the first delay (one heartbeat)
+        assert not io.connected and io.reconnect_at == pytest.approx(100.41)
+        io.poll_once(now=100.40, timeout_s=0)
+        assert not io.connected
+        io.poll_once(now=100.41, timeout_s=0)
+        assert io.connected
+        # ... doubling the delay each time, up to reconnect_max_s
+        delays = []
+        now = 100.41
+        for _ in range(3):
+            now += 0.31
+            io.poll_once(now=now, timeout_s=0)
+            delays.append(round(io.reconnect_at - now, 3))
+            now = io.reconnect_at
+            io.poll_once(now=now, timeout_s=0)
+        assert delays == [0.2, 0.3, 0.3]
+    finally:
+        io.close(disconnect=False)
+        context.destroy(linger=0)

@@ -1,0 +1,85 @@
+"""The process pool against a fake broker: a child that dies is reported and replaced."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from tests.unit.worker_fakes import FakeBroker, WorkerThread, assignment, settings
+
+from taskring import protocol
+from taskring.workers import WorkerConfigError, WorkerSettings
+from taskring.workers.pools import ProcessPool
+
+pytestmark = pytest.mark.timeout(60)  # spawned children import the package: seconds, not ms
+
+
+@pytest.fixture
+def broker() -> Iterator[FakeBroker]:
+    # A longer liveness window: the worker's loop competes with children starting up.
+    fake = FakeBroker(heartbeat_s=0.1, liveness=10)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def worker(broker: FakeBroker) -> Iterator[WorkerThread]:
+    thread = WorkerThread(settings(endpoint=broker.endpoint, pool="process", concurrency=1))
+    yield thread
+    thread.stop(drain=False)
+
+
+def test_a_task_runs_in_a_child_process(broker: FakeBroker, worker: WorkerThread) -> None:
+    ready = broker.register()
+    assert ready["pool"] == "process"
+    broker.dispatch(assignment(1, "wt.add", 40, 2))
+    _, results = broker.result(timeout_s=30)
+    assert protocol.unpack(results[1]["value"]) == 42
+
+
+def test_a_child_that_dies_is_reported_and_replaced(
+    broker: FakeBroker, worker: WorkerThread
+) -> None:
+    broker.register()
+    # When a task kills its process
+    broker.dispatch(assignment(1, "wt.exit", 3))
+    seq, results = broker.result(timeout_s=30)
+    # Then it fails, worth another attempt
+    assert results[1]["ok"] is False and results[1]["retry"] is True
+    assert results[1]["error"] == "worker process died (exit code 3)"
+    broker.ack(seq)
+    # ... and the next task runs in a fresh child
+    broker.dispatch(assignment(2, "wt.add", 2, 3))
+    _, results = broker.result(timeout_s=30)
+    assert protocol.unpack(results[2]["value"]) == 5
+
+
+def test_checkpoints_travel_from_the_child_and_block_it(
+    broker: FakeBroker, worker: WorkerThread
+) -> None:
+    broker.register()
+    broker.dispatch(assignment(3, "wt.resume", state={"i": 1}, number=1))
+    checkpoint = broker.recv(protocol.CHECKPOINT, timeout_s=30)
+    assert checkpoint["number"] == 2 and protocol.unpack(checkpoint["state"]) == {"i": 2}
+    for command, _ in broker.pump(0.3):
+        assert command == protocol.CHECKPOINT, "the child went on before the ACK"
+    broker.ack(checkpoint["seq"])
+    deadline = time.monotonic() + 10
+    while True:
+        got = broker._next(deadline)
+        assert got is not None, "no RESULT after the checkpoint's ACK"
+        if got[0] == protocol.RESULT:
+            break
+    (outcome,) = got[1]["results"]
+    assert protocol.unpack(outcome["value"]) == {
+        "seen": {"i": 1},
+        "state": {"i": 2},
+        "lease_lost": False,
+    }
+
+
+def test_the_process_pool_needs_modules() -> None:
+    with pytest.raises(WorkerConfigError, match=r"needs settings\.modules"):
+        ProcessPool(1, (), protocol.DEFAULT_LIMITS)
+    assert WorkerSettings(pool="process").pool == "process"

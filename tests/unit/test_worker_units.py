@@ -1,0 +1,133 @@
+"""Worker parts without sockets: the runner, the task context, module loading, the inbox."""
+
+from __future__ import annotations
+
+import select
+from typing import Any
+
+import pytest
+from tests.unit import worker_tasks  # noqa: F401 - registers the wt.* tasks
+
+from taskring import protocol
+from taskring.errors import TaskringError
+from taskring.protocol import Assignment
+from taskring.registry import registered
+from taskring.workers import TaskContext, Worker, WorkerConfigError, WorkerSettings
+from taskring.workers.inbox import Inbox
+from taskring.workers.loading import load_modules
+from taskring.workers.runner import run_assignment
+
+
+def run(name: str, *args: Any, payload: bytes | None = None, **kwargs: Any) -> Any:
+    packed = protocol.pack([list(args), kwargs]) if payload is None else payload
+    a = Assignment(id=1, attempt=1, name=name, payload=packed, state=None, number=0)
+    return run_assignment(a, registered(), lambda *_: False)
+
+
+def test_a_return_value_is_packed() -> None:
+    outcome = run("wt.add", 2, b=3)
+    assert (outcome.ok, protocol.unpack(outcome.value), outcome.error) == (True, 5, None)
+
+
+def test_an_unknown_name_lists_what_this_worker_registered() -> None:
+    outcome = run("wt.missing")
+    assert outcome.ok is False and outcome.retry is False
+    assert outcome.error.startswith("unknown task 'wt.missing': this worker registered ")
+    assert "wt.add" in outcome.error
+
+
+@pytest.mark.parametrize("payload", [b"\xc1", protocol.pack("not a list"), protocol.pack([1, 2])])
+def test_an_undecodable_payload_is_not_retried(payload: bytes) -> None:
+    outcome = run("wt.add", payload=payload)
+    assert outcome.ok is False and outcome.retry is False
+    assert outcome.error.startswith("cannot decode task 'wt.add': ")
+
+
+def test_an_exception_is_retried_with_type_message_and_traceback_tail() -> None:
+    outcome = run("wt.fail", "boom")
+    assert outcome.ok is False and outcome.retry is True
+    first, *rest = outcome.error.splitlines()
+    assert first == "ValueError: boom"
+    assert "worker_tasks.py" in "\n".join(rest) and "raise ValueError(message)" in outcome.error
+
+
+def test_a_wrong_call_is_reported_like_any_exception() -> None:
+    outcome = run("wt.add", 1)
+    assert outcome.retry is True and outcome.error.startswith("TypeError: ")
+
+
+def test_an_unpackable_return_value_is_not_retried() -> None:
+    outcome = run("wt.unpackable")
+    assert outcome.ok is False and outcome.retry is False
+    assert "cannot be encoded with msgpack" in outcome.error
+
+
+def test_an_async_task_is_refused_clearly() -> None:
+    outcome = run("wt.async")
+    assert outcome.retry is False and "async tasks are not supported" in outcome.error
+
+
+def test_checkpoint_numbers_packs_and_updates_state() -> None:
+    sent: list[tuple[int, int, int, bytes]] = []
+
+    def send(task_id: int, attempt: int, number: int, state: bytes) -> bool:
+        sent.append((task_id, attempt, number, state))
+        return number == 5
+
+    ctx = TaskContext(3, 2, {"i": 3}, 3, send)
+    ctx.checkpoint((1, 2))
+    assert sent == [(3, 2, 4, protocol.pack([1, 2]))]
+    assert (ctx.state, ctx.number, ctx.lease_lost) == ([1, 2], 4, False)  # as msgpack gives back
+    ctx.checkpoint("x")
+    assert ctx.lease_lost is True  # stale: recorded, not applied; no exception
+
+
+def test_checkpoint_rejects_what_msgpack_cannot_hold() -> None:
+    ctx = TaskContext(1, 1, None, 0, lambda *_: pytest.fail("nothing should be sent"))
+    with pytest.raises(TypeError, match="checkpoint state must be msgpack data"):
+        ctx.checkpoint({object()})
+    small = protocol.Limits(max_checkpoint_bytes=8)
+    ctx = TaskContext(1, 1, None, 0, lambda *_: False, limits=small)
+    with pytest.raises(ValueError, match="exceeds max_checkpoint_bytes"):
+        ctx.checkpoint("x" * 100)
+    assert (ctx.state, ctx.number) == (None, 0)
+
+
+def test_a_missing_module_is_one_clear_line() -> None:
+    with pytest.raises(WorkerConfigError) as e:
+        load_modules(["no_such_tasks_module"])
+    assert str(e.value) == (
+        "cannot import module 'no_such_tasks_module': No module named 'no_such_tasks_module'"
+    )
+    assert isinstance(e.value, TaskringError)
+
+
+def test_a_module_without_tasks_is_an_error() -> None:
+    with pytest.raises(WorkerConfigError, match="module 'json' registers no tasks"):
+        Worker(WorkerSettings(modules=("json",)))
+
+
+def test_a_module_imported_before_still_counts_its_tasks() -> None:
+    assert "wt.add" in load_modules(["tests.unit.worker_tasks"])
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(WorkerConfigError, match="pool must be"):
+        WorkerSettings(pool="fork")  # type: ignore[arg-type]
+    with pytest.raises(WorkerConfigError, match="concurrency"):
+        WorkerSettings(concurrency=0)
+    assert WorkerSettings(name="w1").worker_name() == "w1"
+    assert WorkerSettings().worker_name().endswith(f"-{__import__('os').getpid()}")
+
+
+def test_the_inbox_wakes_a_poller_and_refuses_puts_after_close() -> None:
+    inbox = Inbox()
+    assert select.select([inbox.fileno()], [], [], 0)[0] == []
+    assert inbox.put("a") and inbox.put("b")
+    assert select.select([inbox.fileno()], [], [], 0)[0] == [inbox.fileno()]
+    assert inbox.take() == ["a", "b"]
+    assert select.select([inbox.fileno()], [], [], 0)[0] == []
+    inbox.put("c")
+    assert inbox.close() == ["c"]
+    assert inbox.put("d") is False
+    inbox.wake()  # harmless after close

@@ -1,0 +1,92 @@
+"""Tasks for the worker unit tests.
+
+A module of its own so that process-pool children can import it by name
+("tests.unit.worker_tasks"). Gates are threading.Events: they only work in
+the thread pool, where the test and the task share a process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from taskring.workers import TaskContext, task
+
+MODULE = __name__
+_gates: dict[str, threading.Event] = {}
+_lock = threading.Lock()
+
+
+def gate(name: str) -> threading.Event:
+    with _lock:
+        return _gates.setdefault(name, threading.Event())
+
+
+def release_all() -> None:
+    """Open every gate, so no test leaves a task thread blocked behind it."""
+    with _lock:
+        for event in _gates.values():
+            event.set()
+        _gates.clear()
+
+
+@task(name="wt.add")
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@task(name="wt.wait")
+def wait_for(name: str) -> str:
+    gate(name).wait(30)
+    return name
+
+
+@task(name="wt.busy")
+def busy(seconds: float) -> int:
+    """Hold the GIL-bound interpreter in pure Python, never sleeping."""
+    deadline = time.monotonic() + seconds
+    turns = 0
+    while time.monotonic() < deadline:
+        turns += 1
+    return turns
+
+
+@task(name="wt.checkpoint")
+def checkpoint_then_flag(ctx: TaskContext, flag: str) -> list[Any]:
+    ctx.checkpoint({"step": 1})
+    gate(flag).set()
+    return [ctx.state, ctx.number, ctx.lease_lost]
+
+
+@task(name="wt.resume")
+def resume(ctx: TaskContext) -> dict[str, Any]:
+    seen = ctx.state
+    ctx.checkpoint({"i": seen["i"] + 1 if seen else 0})
+    return {"seen": seen, "state": ctx.state, "lease_lost": ctx.lease_lost}
+
+
+@task(name="wt.bad_state")
+def bad_state(ctx: TaskContext) -> None:
+    ctx.checkpoint({1, 2})
+
+
+@task(name="wt.fail")
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@task(name="wt.unpackable")
+def unpackable() -> object:
+    return object()
+
+
+@task(name="wt.async")
+async def coroutine() -> int:
+    return 1
+
+
+@task(name="wt.exit")
+def hard_exit(code: int) -> None:
+    os._exit(code)
