@@ -129,11 +129,28 @@ def unpack(data: bytes, *, max_bytes: int | None = None) -> Any:
     if max_bytes is not None and len(data) > max_bytes:
         raise ProtocolError(E_TOO_LARGE, f"body of {len(data)} bytes exceeds {max_bytes}")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
     except ProtocolError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise ProtocolError(E_BAD_BODY, f"body is not valid msgpack: {e}") from e
+    _reject_timestamps(value)
+    return value
+
+
+def _reject_timestamps(value: Any) -> None:
+    # msgpack decodes ext type -1 (timestamp) itself and never calls
+    # ext_hook, so "no extension types" needs this walk. User data is nested
+    # as bin, so the walk only covers the envelope's few containers.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, msgpack.Timestamp):
+            raise ProtocolError(E_BAD_BODY, "msgpack extension type -1 is not allowed")
 
 
 # ---------------------------------------------------------------- framing
@@ -250,7 +267,9 @@ def _held(body: Mapping[str, Any], limits: Limits) -> tuple[tuple[int, int], ...
         if (
             not isinstance(pair, list)
             or len(pair) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+            or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in pair
+            )
         ):
             raise ProtocolError(E_BAD_BODY, "held must be a list of [task id, attempt] pairs")
         out.append((pair[0], pair[1]))
@@ -259,8 +278,8 @@ def _held(body: Mapping[str, Any], limits: Limits) -> tuple[tuple[int, int], ...
 
 def _ids(body: Mapping[str, Any], limits: Limits) -> tuple[int, ...]:
     ids = _list(body, "ids", limits)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ProtocolError(E_BAD_BODY, "ids must be non-negative integers")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids):
+        raise ProtocolError(E_BAD_BODY, "ids must be non-negative integers below 2**63")
     return tuple(ids)
 
 
@@ -365,7 +384,7 @@ def decode_tasks(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Li
         state=state,
         name=_text(body, "name", limits.max_name_len, optional=True),
         limit=limit,
-        before_id=_optional(body, "before_id", int),
+        before_id=_count(body, "before_id") if body.get("before_id") is not None else None,
     )
 
 
@@ -385,6 +404,8 @@ class Ready:
     pid: int
     host: str
     pool: str
+    incarnation: str  # random per worker process: tells a restart from a reconnect
+    dseq: int  # last TASK dseq this process received (0 if none)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -425,8 +446,9 @@ class WorkerDisconnect:
 
 def decode_ready(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Ready:
     capacity = _count(body, "capacity")
-    if not 1 <= capacity <= 10_000:
-        raise ProtocolError(E_BAD_BODY, "capacity must be 1..10000")
+    # held lists travel in one READY or HEARTBEAT, so capacity is bounded like a batch.
+    if not 1 <= capacity <= limits.max_batch:
+        raise ProtocolError(E_BAD_BODY, f"capacity must be 1..{limits.max_batch}")
     names = _field(body, "tasks", dict)
     if len(names) > 10_000 or not all(
         isinstance(n, str)
@@ -445,13 +467,16 @@ def decode_ready(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Re
         pid=_optional(body, "pid", int, 0),
         host=_optional(body, "host", str, "")[:255],
         pool=_optional(body, "pool", str, "thread")[:32],
+        incarnation=_optional(body, "incarnation", str, "")[:64],
+        dseq=_count(body, "dseq") if body.get("dseq") is not None else 0,
     )
 
 
 def decode_worker_heartbeat(
     body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS
 ) -> WorkerHeartbeat:
-    return WorkerHeartbeat(dseq=_optional(body, "dseq", int, 0), held=_held(body, limits))
+    dseq = _count(body, "dseq") if body.get("dseq") is not None else 0
+    return WorkerHeartbeat(dseq=dseq, held=_held(body, limits))
 
 
 def _outcome(item: Any, limits: Limits) -> TaskOutcome:
@@ -541,6 +566,7 @@ class Welcome:
     seq: int
     heartbeat_s: float
     liveness: int
+    dseq: int  # the dseq of the last TASK the broker sent before this WELCOME
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -586,7 +612,10 @@ def decode_welcome(body: Mapping[str, Any]) -> Welcome:
     liveness = _count(body, "liveness")
     if heartbeat_ms < 1 or liveness < 1:
         raise ProtocolError(E_BAD_BODY, "heartbeat_ms and liveness must be positive")
-    return Welcome(seq=_count(body, "seq"), heartbeat_s=heartbeat_ms / 1000, liveness=liveness)
+    dseq = _count(body, "dseq") if body.get("dseq") is not None else 0
+    return Welcome(
+        seq=_count(body, "seq"), heartbeat_s=heartbeat_ms / 1000, liveness=liveness, dseq=dseq
+    )
 
 
 def decode_ack(body: Mapping[str, Any]) -> Ack:

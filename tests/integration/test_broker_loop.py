@@ -305,7 +305,9 @@ def test_keyed_tasks_wait_for_their_owner(broker, ctx):
     c = client(ctx, broker)
     w1 = worker(ctx, broker, 0.0, b"w1", capacity=1)
     w2 = worker(ctx, broker, 0.0, b"w2", capacity=1)
-    key = next(k for k in (f"user-{i}" for i in range(100)) if broker.placement.ring.owner(k) == "w1")
+    key = next(
+        k for k in (f"user-{i}" for i in range(100)) if broker.placement.ring.owner(k) == "w1"
+    )
     ids = submit(c, broker, 0.0, [task(key=key) for _ in range(3)])
     first = w1.expect(broker, 0.0, p.TASK)["tasks"]
     assert [t["id"] for t in first] == ids[:1]
@@ -388,3 +390,68 @@ def test_status_history_and_listing(broker, ctx):
     assert [e["kind"] for e in history["events"]] == ["submitted", "leased"]
     c.request(p.TASKS, {"state": "running", "limit": 1})
     assert [t["id"] for t in c.expect(broker, 0.0, p.REPLY)["tasks"]] == [ids[1]]
+
+
+def test_retryable_failures_use_up_attempts_then_the_task_is_dead(broker, ctx):
+    w = worker(ctx, broker, 0.0, capacity=1)
+    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task(max_attempts=2)])
+    for attempt in (1, 2):
+        got = w.expect(broker, 0.0, p.TASK)["tasks"][0]
+        assert got["attempt"] == attempt
+        result(w, task_id, attempt, ok=False)
+        w.expect(broker, 0.0, p.ACK)
+    state, error = db_rows(broker, "SELECT state, error FROM tasks WHERE id = ?", task_id)[0]
+    assert state == "dead" and error.startswith("boom") and "2 of 2 attempts" in error
+
+
+def test_non_retryable_error_fails_at_once(broker, ctx):
+    w = worker(ctx, broker, 0.0, capacity=1)
+    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task(max_attempts=5)])
+    w.expect(broker, 0.0, p.TASK)
+    item = {"id": task_id, "attempt": 1, "ok": False, "error": "unknown task", "retry": False}
+    w.request(p.RESULT, {"results": [item]})
+    w.expect(broker, 0.0, p.ACK)
+    assert db_rows(broker, "SELECT state, attempt FROM tasks WHERE id = ?", task_id) == [
+        ("failed", 1)
+    ]
+
+
+def ready(w: Peer, capacity: int, held: list[list[int]], incarnation: str, dseq: int) -> None:
+    w.request(
+        p.READY,
+        {
+            "capacity": capacity,
+            "tasks": {"t.add": 3},
+            "held": held,
+            "incarnation": incarnation,
+            "dseq": dseq,
+        },
+    )
+
+
+def test_the_same_process_registering_again_keeps_leases_still_in_flight(broker, ctx):
+    # Given a worker process that registered and was sent a TASK it has not seen yet
+    w = Peer(ctx, broker.endpoint, b"w1", p.PROTOCOL_WORKER)
+    ready(w, 2, [], "proc-a", 0)
+    assert w.expect(broker, 0.0, p.WELCOME)["dseq"] == 0
+    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task()])
+    # When the same process sends READY again, written before that TASK arrived
+    ready(w, 2, [], "proc-a", 0)
+    # Then the lease survives, the TASK still arrives, and numbering goes on
+    assert w.expect(broker, 0.0, p.TASK)["dseq"] == 1
+    assert w.expect(broker, 0.0, p.WELCOME)["dseq"] == 1
+    assert db_rows(broker, "SELECT state, attempt FROM tasks WHERE id = ?", task_id) == [
+        ("running", 1)
+    ]
+
+
+def test_a_restarted_process_with_the_same_name_loses_what_it_does_not_hold(broker, ctx):
+    w = Peer(ctx, broker.endpoint, b"w1", p.PROTOCOL_WORKER)
+    ready(w, 1, [], "proc-a", 0)
+    w.expect(broker, 0.0, p.WELCOME)
+    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task()])
+    w.expect(broker, 0.0, p.TASK)
+    ready(w, 1, [], "proc-b", 0)  # a new process: it cannot be running the task
+    assert w.expect(broker, 0.0, p.WELCOME)["dseq"] == 0
+    got = w.expect(broker, 0.0, p.TASK)["tasks"][0]
+    assert (got["id"], got["attempt"]) == (task_id, 2)

@@ -16,6 +16,7 @@ class WorkerState:
     host: str
     pid: int
     pool: str
+    incarnation: str
     last_heard: float
     last_sent: float
     registered_at: float

@@ -11,6 +11,7 @@ log, and nothing dispatched under a lease the log does not know.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -164,9 +165,15 @@ class Broker:
         try:
             self._handlers[(envelope.protocol, envelope.command)](envelope, now, wall)
         except p.ProtocolError as e:
-            seq = envelope.body.get("seq")
-            seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-            self._reject(identity, envelope.protocol, seq, e, now)
+            self._reject(identity, envelope.protocol, _seq(envelope), e, now)
+        except sqlite3.DatabaseError:
+            raise  # the log is in trouble: crash, and let a restart recover from the log
+        except Exception as e:
+            # A bug must not stop the broker for everyone, nor make it crash
+            # again on every resend of the message that found it.
+            log.exception("internal error handling %s from %r", envelope.command, identity[:32])
+            error = p.ProtocolError(p.E_INTERNAL, f"internal error: {type(e).__name__}")
+            self._reject(identity, envelope.protocol, _seq(envelope), error, now)
 
     def _reject(
         self, identity: bytes, protocol: bytes, seq: int | None, error: p.ProtocolError, now: float
@@ -340,6 +347,13 @@ class Broker:
         request = p.decode_ready(envelope.body, self.limits)
         name = _name(envelope.identity)
         previous = self.workers.pop(name, None)
+        # The same process registering again (a lost WELCOME, a reconnect)
+        # keeps its TASK numbering, so leases still in flight to it survive.
+        same_process = (
+            previous is not None
+            and request.incarnation != ""
+            and request.incarnation == previous.incarnation
+        )
         worker = WorkerState(
             name=name,
             identity=envelope.identity,
@@ -348,32 +362,34 @@ class Broker:
             host=request.host,
             pid=request.pid,
             pool=request.pool,
+            incarnation=request.incarnation,
             last_heard=now,
             last_sent=now,
             registered_at=now,
+            dseq=previous.dseq if same_process and previous else 0,
         )
         self.workers[name] = worker
         if any(self.names.get(n) != m for n, m in request.tasks.items()):
             self.store.remember_names(request.tasks, wall)
             self.names.update(request.tasks)
         held = set(request.held)
-        claimable = list(previous.leases.values()) if previous else []
-        claimable += [lease for lease in self.orphans.values() if lease.worker == name]
-        for lease in claimable:
+        for lease in list(previous.leases.values()) if previous else []:
             job = lease.job
-            if (job.id, job.attempt) in held:
-                self.orphans.pop(job.id, None)
+            if (job.id, job.attempt) in held or (same_process and lease.dseq > request.dseq):
+                worker.leases[job.id] = lease
+            else:
+                self._lease_lost(lease, f"worker {name} registered again without it", wall)
+        for lease in [o for o in self.orphans.values() if o.worker == name]:
+            job = lease.job
+            if (job.id, job.attempt) in held:  # re-adopted after a broker restart
+                del self.orphans[job.id]
                 lease.orphan_deadline = None
-                lease.dseq = 0
                 worker.leases[job.id] = lease
                 self.store.event(job.id, "adopted", job.attempt, name, None, wall)
             else:
-                self._lease_lost(lease, f"worker {name} re-registered without it", wall)
+                self._lease_lost(lease, f"worker {name} returned without it", wall)
         log.info(
-            "worker %s registered (capacity %d, %d tasks re-adopted)",
-            name,
-            request.capacity,
-            len(worker.leases),
+            "worker %s registered (capacity %d, holding %d)", name, request.capacity, len(held)
         )
         self._to_worker(
             worker,
@@ -382,9 +398,9 @@ class Broker:
                 "seq": request.seq,
                 "heartbeat_ms": int(self.settings.heartbeat_s * 1000),
                 "liveness": self.settings.liveness,
+                "dseq": worker.dseq,
             },
         )
-        worker.last_sent = now
         self.placement.join(name, request.capacity)
 
     def _on_heartbeat(self, envelope: p.Envelope, now: float, wall: float) -> None:
@@ -482,10 +498,9 @@ class Broker:
         if outcome.ok:
             self._successes.append((job.id, job.attempt, lease.worker, outcome.value))
             self._announce(job, p.SUCCEEDED, outcome.value, None, lease.worker, wall)
-        elif outcome.retry and job.attempt < job.max_attempts:
-            self.store.requeue(job.id, job.attempt, lease.worker, outcome.error or "", wall)
-            self.placement.requeue(job)
-        else:
+        elif outcome.retry:
+            self._retry(lease, outcome.error or "failed without a message", wall)
+        else:  # another attempt cannot help: fail now, whatever attempts are left
             self.store.finish(
                 job.id, job.attempt, lease.worker, p.FAILED, None, outcome.error, wall
             )
@@ -500,9 +515,13 @@ class Broker:
             worker.leases.pop(task_id, None)
 
     def _lease_lost(self, lease: Lease, reason: str, wall: float) -> None:
-        """The attempt ended without a result: retry it, or dead-letter it if attempts ran out."""
-        job = lease.job
+        """The attempt ended without a result."""
         self._end_lease(lease)
+        self._retry(lease, reason, wall)
+
+    def _retry(self, lease: Lease, reason: str, wall: float) -> None:
+        """Queue the job again, or dead-letter it once its attempts are used up."""
+        job = lease.job
         if job.attempt >= job.max_attempts:
             error = f"{reason}; gave up after {job.attempt} of {job.max_attempts} attempts"
             self.store.finish(job.id, job.attempt, lease.worker, p.DEAD, None, error, wall)
@@ -575,9 +594,20 @@ class Broker:
         batches.setdefault(worker.name, []).append(lease)
 
     def _send_tasks(self, worker: WorkerState, leases: list[Lease]) -> None:
-        for start in range(0, len(leases), self.limits.max_batch):
+        """TASK messages of at most max_batch tasks and half of max_message_bytes each."""
+        budget = self.limits.max_message_bytes // 2
+        chunks: list[list[Lease]] = [[]]
+        size = 0
+        for lease in leases:
+            job = lease.job
+            cost = len(job.payload) + len(job.checkpoint or b"") + len(job.name) + 64
+            if chunks[-1] and (len(chunks[-1]) >= self.limits.max_batch or size + cost > budget):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(lease)
+            size += cost
+        for chunk in chunks:
             worker.dseq += 1
-            chunk = leases[start : start + self.limits.max_batch]
             tasks = []
             for lease in chunk:
                 lease.dseq = worker.dseq
@@ -616,6 +646,11 @@ def _job(row: Mapping[str, Any]) -> Job:
         row["checkpoint_no"],
         row["created_at"],
     )
+
+
+def _seq(envelope: p.Envelope) -> int | None:
+    seq = envelope.body.get("seq")
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
 def _name(identity: bytes) -> str:

@@ -16,6 +16,7 @@ import math
 import os
 import socket as _socket
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -91,6 +92,8 @@ class IOLoop:
         self._reconnect_delay_s = self._first_delay_s
         self.reconnect_at = -math.inf  # monotonic time of the next connect; first turn at once
         self._dseq = 0
+        # A restarted process must not be mistaken for a reconnect of this one.
+        self._incarnation = uuid.uuid4().hex
         self.registrations = 0  # WELCOMEs that registered this worker
         self.stopping = False  # refuse new tasks: the worker is draining
         self.closed = False
@@ -241,6 +244,8 @@ class IOLoop:
             "pid": os.getpid(),
             "host": _socket.gethostname(),
             "pool": self.settings.pool,
+            "incarnation": self._incarnation,
+            "dseq": self._dseq,
         }
         self._send(protocol.frames(PROTOCOL_WORKER, protocol.READY, body))
         self._ready_due = now + self._heartbeat_s
@@ -298,7 +303,9 @@ class IOLoop:
             return
         first = not self.welcomed
         self.welcomed = True
-        self._dseq = 0  # dseq counts TASK messages per registration
+        # The broker numbers TASK messages from here on; TASKs sent before this
+        # WELCOME arrived before it on the same pipe.
+        self._dseq = welcome.dseq
         self._heartbeat_s = welcome.heartbeat_s
         self._liveness = welcome.liveness
         self._outstanding.backoff = self._backoff()
