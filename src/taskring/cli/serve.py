@@ -91,6 +91,10 @@ def worker(
         str | None, typer.Option(help="Worker name, its place on the ring [default: host-pid].")
     ] = None,
     endpoint: EndpointOption = DEFAULT_ENDPOINT,
+    journal: Annotated[
+        Path | None,
+        typer.Option(help="Append every result and checkpoint the broker ACKs to this file."),
+    ] = None,
     log_level: LogLevelOption = LogLevel.info,
 ) -> None:
     """Run a worker for the tasks in MODULES, until SIGTERM or Ctrl-C."""
@@ -105,6 +109,7 @@ def worker(
                 concurrency=concurrency,
                 pool=pool.value,
                 name=name,
+                journal=str(journal) if journal else None,
             )
         )
     except zmq.ZMQError as e:

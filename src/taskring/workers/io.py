@@ -28,6 +28,7 @@ from taskring.protocol import PROTOCOL_WORKER, Assignment, TaskOutcome
 from taskring.reliable import Backoff, Outstanding
 from taskring.workers.errors import WorkerConfigError, WorkerStopped
 from taskring.workers.inbox import CheckpointRequest, Inbox, Waiter
+from taskring.workers.journal import AckJournal
 from taskring.workers.runner import failure
 from taskring.workers.settings import WorkerSettings
 
@@ -61,6 +62,7 @@ class IOLoop:
         *,
         limits: protocol.Limits = protocol.DEFAULT_LIMITS,
         on_welcome: Callable[[int], None] | None = None,
+        journal: AckJournal | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -77,8 +79,10 @@ class IOLoop:
         self._heartbeat_s = settings.heartbeat_s
         self._liveness = settings.liveness
         self._outstanding = Outstanding(self._backoff())
-        self._results: dict[int, list[Key]] = {}  # RESULT seq -> the leases it reports
-        self._waiters: dict[int, tuple[Waiter, int]] = {}  # CHECKPOINT seq -> (waiter, id)
+        self._results: dict[int, list[tuple[Key, bool]]] = {}  # RESULT seq -> (lease, ok)
+        self._journal = journal
+        # CHECKPOINT seq -> (waiter, task id, attempt, number)
+        self._waiters: dict[int, tuple[Waiter, int, int, int]] = {}
         self._finished: list[TaskOutcome] = []  # this turn's outcomes, sent as one RESULT
         self.held: dict[Key, None] = {}  # ordered set: running, or result not yet ACKed
         self.running: set[Key] = set()  # handed to the pool, outcome not yet back
@@ -345,14 +349,18 @@ class IOLoop:
             return  # an ACK of a resend we had already seen acknowledged
         keys = self._results.pop(ack.seq, None)
         if keys is not None:
-            for key in keys:
+            for key, ok in keys:
                 self.held.pop(key, None)
+                if self._journal is not None:
+                    self._journal.result(*key, ok, stale=key[0] in ack.stale)
             if ack.stale:
                 log.info("results of superseded attempts recorded, not applied: %s", ack.stale)
             return
         entry = self._waiters.pop(ack.seq, None)
         if entry is not None:
-            waiter, task_id = entry
+            waiter, task_id, attempt, number = entry
+            if self._journal is not None:
+                self._journal.checkpoint(task_id, attempt, number, stale=task_id in ack.stale)
             waiter.done(stale=task_id in ack.stale)
 
     def _on_error(self, body: dict[str, Any], now: float) -> None:
@@ -364,7 +372,7 @@ class IOLoop:
         if code not in FATAL_CODES or type(seq) is not int or seq not in self._outstanding:
             return  # transient (or about no message of ours): the resend timer retries
         self._outstanding.ack(seq)
-        for key in self._results.pop(seq, []):
+        for key, _ok in self._results.pop(seq, []):
             log.error("broker rejected the result of task %s attempt %s; dropped", *key)
             self.held.pop(key, None)
         entry = self._waiters.pop(seq, None)
@@ -389,7 +397,7 @@ class IOLoop:
                 }
                 frames = protocol.frames(PROTOCOL_WORKER, protocol.CHECKPOINT, body)
                 self._outstanding.add(seq, frames, now)
-                self._waiters[seq] = (item.waiter, item.task_id)
+                self._waiters[seq] = (item.waiter, item.task_id, item.attempt, item.number)
                 self._send(frames)
         if self._finished:
             self._send_results(now)
@@ -424,7 +432,7 @@ class IOLoop:
         ]
         frames = protocol.frames(PROTOCOL_WORKER, protocol.RESULT, {"seq": seq, "results": results})
         self._outstanding.add(seq, frames, now)
-        self._results[seq] = [(o.id, o.attempt) for o in batch]
+        self._results[seq] = [((o.id, o.attempt), o.ok) for o in batch]
         self._send(frames)
 
     # ------------------------------------------------------------ shutdown
@@ -438,7 +446,7 @@ class IOLoop:
         for item in self.inbox.close():
             if isinstance(item, CheckpointRequest):
                 item.waiter.fail(stopped)
-        for waiter, _ in self._waiters.values():
+        for waiter, *_ in self._waiters.values():
             waiter.fail(stopped)
         self._waiters.clear()
         if self._socket is not None:

@@ -30,6 +30,7 @@ class WorkerSettings:
     drain_timeout_s: float = 30.0  # on stop, how long running tasks may finish
     flush_timeout_s: float = 5.0  # then how long to wait for the broker to ACK results
     start_method: Literal["spawn", "forkserver"] = "spawn"  # process pool only
+    journal: str | None = None  # append what the broker ACKed here (for taskring verify)
 
     def __post_init__(self) -> None:
         if self.pool not in ("thread", "process"):

@@ -22,6 +22,7 @@ import zmq
 from taskring import protocol
 from taskring.workers.errors import WorkerConfigError
 from taskring.workers.io import IOLoop
+from taskring.workers.journal import AckJournal
 from taskring.workers.loading import load_modules
 from taskring.workers.pools import Pool, ProcessPool, ThreadPool
 from taskring.workers.settings import WorkerSettings
@@ -85,8 +86,16 @@ class Worker:
         else:
             pool = ThreadPool(s.concurrency, self.specs, self.limits)
         tasks = {name: spec.max_attempts for name, spec in self.specs.items()}
+        journal = AckJournal(s.journal, self.name) if s.journal else None
         io = IOLoop(
-            context, s, self.name, tasks, pool.submit, limits=self.limits, on_welcome=self._welcomed
+            context,
+            s,
+            self.name,
+            tasks,
+            pool.submit,
+            limits=self.limits,
+            on_welcome=self._welcomed,
+            journal=journal,
         )
         self._io = io
         drained = False
@@ -99,6 +108,8 @@ class Worker:
             io.close(disconnect=True, linger_s=min(0.5, s.heartbeat_s))
             pool.close(CHILD_GRACE_S if drained else 0.0)
             context.destroy(linger=0)
+            if journal is not None:
+                journal.close()
             log.info("worker %s stopped", self.name)
 
     def _welcomed(self, registrations: int) -> None:
