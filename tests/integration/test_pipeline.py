@@ -1,0 +1,123 @@
+"""The whole pipeline with real processes: a broker and workers started as `taskring` commands."""
+
+from __future__ import annotations
+
+import collections
+import signal
+
+import pytest
+
+from conftest import Cluster, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_thousand_tasks_all_succeed_with_correct_results(cluster: Cluster) -> None:
+    # Given a broker and three workers
+    cluster.start_broker()
+    for name in ("w1", "w2", "w3"):
+        cluster.start_worker(name)
+    cluster.wait_workers("w1", "w2", "w3")
+    with cluster.client() as client:
+        # When 1,000 tasks are submitted
+        ids = client.submit_many("tt_tasks.add", [(i, 2 * i) for i in range(1000)])
+        done = client.wait(ids, timeout=60)
+    # Then every one succeeded with its own result, and all three workers took part
+    assert len(set(ids)) == 1000
+    assert [done[i].state for i in ids] == ["succeeded"] * 1000
+    assert [done[i].value for i in ids] == [3 * i for i in range(1000)]
+    assert {done[i].worker for i in ids} == {"w1", "w2", "w3"}
+
+
+def test_tasks_with_the_same_key_run_on_the_same_worker(cluster: Cluster) -> None:
+    cluster.start_broker()
+    for name in ("w1", "w2", "w3"):
+        cluster.start_worker(name)
+    cluster.wait_workers("w1", "w2", "w3")
+    keys = [f"user-{i % 30}" for i in range(600)]
+    with cluster.client() as client:
+        ids = client.submit_many("tt_tasks.add", [(i, i) for i in range(600)], key=lambda a: keys[a[0]])
+        done = client.wait(ids, timeout=60)
+    workers_by_key = collections.defaultdict(set)
+    for task_id, key in zip(ids, keys, strict=True):
+        assert done[task_id].state == "succeeded"
+        workers_by_key[key].add(done[task_id].worker)
+    assert all(len(workers) == 1 for workers in workers_by_key.values()), workers_by_key
+    assert len({next(iter(w)) for w in workers_by_key.values()}) == 3  # the keys spread out
+
+
+def test_a_fourth_worker_takes_over_only_its_share_of_keys(cluster: Cluster) -> None:
+    cluster.start_broker()
+    for name in ("w1", "w2", "w3"):
+        cluster.start_worker(name)
+    cluster.wait_workers("w1", "w2", "w3")
+    keys = [f"account-{i}" for i in range(300)]
+
+    def owners(client) -> dict[str, str]:  # type: ignore[no-untyped-def]
+        ids = client.submit_many("tt_tasks.echo", [(k,) for k in keys], key=lambda a: a[0])
+        done = client.wait(ids, timeout=60)
+        return {done[i].value: done[i].worker for i in ids}
+
+    with cluster.client() as client:
+        before = owners(client)
+        cluster.start_worker("w4")
+        status = cluster.wait_workers("w1", "w2", "w3", "w4")
+        after = owners(client)
+    moved = [k for k in keys if before[k] != after[k]]
+    share = next(w["share"] for w in status["workers"] if w["name"] == "w4")
+    # Only keys that now belong to w4 moved, and about w4's share of them
+    assert moved and all(after[k] == "w4" for k in moved)
+    assert len(moved) / len(keys) <= share + 0.08
+    assert {after[k] for k in keys if k not in moved} <= {"w1", "w2", "w3"}
+
+
+def test_broker_restart_with_sigterm_completes_every_queued_task(cluster: Cluster) -> None:
+    # Given many queued tasks and a broker stopped with SIGTERM halfway through
+    cluster.start_broker()
+    cluster.start_worker("w1", concurrency=2)
+    cluster.wait_workers("w1")
+    with cluster.client() as client:
+        ids = client.submit_many("tt_tasks.nap", [(0.01,) for _ in range(300)])
+        wait_for(
+            lambda: (client.broker_status()["states"].get("succeeded", 0) >= 30),
+            30,
+            "some tasks to finish",
+        )
+    assert cluster.stop(cluster.broker) == 0  # type: ignore[arg-type]
+    # When a new broker starts on the same database
+    cluster.start_broker()
+    # Then every task submitted before the restart completes, once
+    with cluster.client() as client:
+        done = client.wait(ids, timeout=60)
+        assert [done[i].state for i in ids] == ["succeeded"] * len(ids)
+        history = client.history(ids[-1])[1]
+    assert [e["kind"] for e in history].count("succeeded") == 1
+
+
+def test_heartbeats_flow_while_a_task_busy_loops(cluster: Cluster) -> None:
+    # Given a worker with a short liveness window (0.2 s x 3)
+    cluster.start_broker()
+    cluster.start_worker("w1", concurrency=1)
+    cluster.wait_workers("w1")
+    window = cluster.heartbeat_s * cluster.liveness
+    with cluster.client() as client:
+        # When a task holds the CPU for three liveness windows
+        handle = client.submit("tt_tasks.spin", 3 * window)
+        assert handle.result(timeout=30) > 0
+        # Then the worker was never declared dead: one lease, one attempt
+        info, events = client.history(handle.id)
+    assert info.attempt == 1
+    assert [e["kind"] for e in events] == ["submitted", "leased", "succeeded"]
+
+
+def test_a_worker_sigterm_drains_and_leaves_cleanly(cluster: Cluster) -> None:
+    cluster.start_broker()
+    proc = cluster.start_worker("w1", concurrency=1)
+    cluster.wait_workers("w1")
+    with cluster.client() as client:
+        handle = client.submit("tt_tasks.nap", 0.5)
+        wait_for(lambda: client.status(handle.id).state == "running", 10, "the task to start")
+        cluster.signal(proc, signal.SIGTERM)
+        assert handle.result(timeout=20) == 0.5  # finished, not abandoned
+        assert proc.wait(10) == 0
+        assert client.status(handle.id).attempt == 1

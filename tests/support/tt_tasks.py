@@ -1,0 +1,55 @@
+"""Tasks the integration and chaos tests run in real worker processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from taskring import task
+
+
+@task
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@task
+def echo(value: Any) -> Any:
+    return value
+
+
+@task
+def pid() -> int:
+    return os.getpid()
+
+
+@task
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@task
+def spin(seconds: float) -> int:
+    """Busy-loop in pure Python, holding the GIL as much as the interpreter allows."""
+    deadline = time.monotonic() + seconds
+    loops = 0
+    while time.monotonic() < deadline:
+        loops += 1
+    return loops
+
+
+@task
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@task(max_attempts=5)
+def crunch(ctx: Any, n: int, every: int = 1000) -> int:
+    i = ctx.state or 0
+    while i < n:
+        i += 1
+        if i % every == 0:
+            ctx.checkpoint(i)
+    return i
