@@ -18,7 +18,6 @@ once a second.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import time
@@ -27,7 +26,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-import msgpack
 import zmq
 
 from taskring import protocol
@@ -35,11 +33,12 @@ from taskring.errors import (
     BrokerUnavailable,
     RequestRejected,
     ResultTimeout,
-    TaskFailed,
     TaskNotFound,
     TaskringError,
 )
+from taskring.payloads import encode_many, payload
 from taskring.reliable import Backoff, Outstanding
+from taskring.taskinfo import TaskHandle, TaskInfo, is_int, malformed, outcome
 
 log = logging.getLogger(__name__)
 
@@ -52,136 +51,6 @@ _MAX_BUFFERED_NOTIFY = 100_000
 _REPOLL_IDS = 5_000
 # Messages handled per socket wake-up before timers get a turn.
 _MAX_DRAIN = 10_000
-
-
-def _malformed(what: str) -> TaskringError:
-    return TaskringError(f"malformed answer from the broker: {what}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-# ---------------------------------------------------------------- task views
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TaskInfo:
-    """One task as the broker reported it (a protocol task view, checked)."""
-
-    id: int
-    name: str
-    state: str
-    key: str | None
-    attempt: int
-    max_attempts: int
-    worker: str | None
-    error: str | None
-    created_at: float
-    updated_at: float
-    packed_result: bytes | None = dataclasses.field(default=None, repr=False)
-
-    @property
-    def done(self) -> bool:
-        """True once the task is succeeded, failed or dead (it will not change again)."""
-        return self.state in protocol.FINAL_STATES
-
-    @property
-    def ok(self) -> bool:
-        return self.state == protocol.SUCCEEDED
-
-    @property
-    def value(self) -> Any:
-        """The task's return value, unpacked; None until it succeeded."""
-        if self.packed_result is None:
-            return None
-        try:
-            return protocol.unpack(self.packed_result)
-        except protocol.ProtocolError as e:
-            raise _malformed(f"result of task {self.id} is not msgpack: {e}") from e
-
-    @classmethod
-    def from_view(cls, view: Any) -> TaskInfo:
-        """Check a view from the wire; raises TaskringError when a field is wrong."""
-        if not isinstance(view, dict):
-            raise _malformed("a task view is not a map")
-        values: dict[str, Any] = {}
-        for name, kind, optional in _VIEW_FIELDS:
-            value = view.get(name)
-            if value is None and optional:
-                values[name] = None
-                continue
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise _malformed(f"task view field {name!r} is {type(value).__name__}")
-            values[name] = value
-        return cls(
-            id=values["id"],
-            name=values["name"],
-            state=values["state"],
-            key=values["key"],
-            attempt=values["attempt"],
-            max_attempts=values["max_attempts"],
-            worker=values["worker"],
-            error=values["error"],
-            created_at=float(values["created_at"]),
-            updated_at=float(values["updated_at"]),
-            packed_result=values["result"],
-        )
-
-
-_VIEW_FIELDS: tuple[tuple[str, type | tuple[type, ...], bool], ...] = (
-    ("id", int, False),
-    ("name", str, False),
-    ("state", str, False),
-    ("key", str, True),
-    ("attempt", int, False),
-    ("max_attempts", int, False),
-    ("worker", str, True),
-    ("error", str, True),
-    ("created_at", (int, float), False),
-    ("updated_at", (int, float), False),
-    ("result", bytes, True),
-)
-
-
-def _outcome(info: TaskInfo) -> Any:
-    """The value of a finished task, or TaskFailed."""
-    if info.state == protocol.SUCCEEDED:
-        return info.value
-    raise TaskFailed(info.id, info.state, info.error)
-
-
-class TaskHandle:
-    """A submitted task: its id, and shortcuts to ask the client about it.
-
-    `unknown_name` is True when no worker had ever registered the task's name
-    at submit time (the task is queued until one does); `known_names` then
-    lists the names the broker knows.
-    """
-
-    __slots__ = ("_client", "id", "known_names", "unknown_name")
-
-    def __init__(
-        self,
-        client: Client,
-        task_id: int,
-        *,
-        unknown_name: bool = False,
-        known_names: tuple[str, ...] = (),
-    ) -> None:
-        self._client = client
-        self.id = task_id
-        self.unknown_name = unknown_name
-        self.known_names = known_names
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self._client.result(self.id, timeout)
-
-    def status(self) -> TaskInfo:
-        return self._client.status(self.id)
-
-    def __repr__(self) -> str:
-        return f"TaskHandle(id={self.id})"
 
 
 # ---------------------------------------------------------------- the client
@@ -270,7 +139,7 @@ class Client:
         a name no worker ever registered raises RequestRejected
         ("unknown-task") and stores nothing.
         """
-        item: dict[str, Any] = {"name": name, "payload": _payload(name, 0, args, kwargs or {})}
+        item: dict[str, Any] = {"name": name, "payload": payload(name, 0, args, kwargs or {})}
         if key is not None:
             item["key"] = key
         if idempotency_key is not None:
@@ -311,7 +180,7 @@ class Client:
             raise ValueError(f"batch must be 1..{_LIMITS.max_batch}")
         if window < 1:
             raise ValueError("window must be at least 1")
-        items = _encode_many(name, arglist, key)
+        items = encode_many(name, arglist, key)
         batches = [items[i : i + batch] for i in range(0, len(items), batch)]
         ids: list[list[int]] = [[] for _ in batches]
         in_flight: dict[int, tuple[int, float]] = {}  # seq -> (batch index, deadline)
@@ -374,7 +243,7 @@ class Client:
             raise ResultTimeout(
                 f"task {task_id} did not finish within {timeout:g} s (state: {info.state})"
             )
-        return _outcome(info)
+        return outcome(info)
 
     def wait(self, ids: Iterable[int], timeout: float | None = None) -> dict[int, TaskInfo]:
         """Wait until every task is final or `timeout` seconds pass (None: no limit).
@@ -419,7 +288,7 @@ class Client:
         )
         views = reply.get("tasks")
         if not isinstance(views, list):
-            raise _malformed("TASKS reply has no task list")
+            raise malformed("TASKS reply has no task list")
         return [TaskInfo.from_view(view) for view in views]
 
     def history(self, task_id: int) -> tuple[TaskInfo | None, list[dict[str, Any]]]:
@@ -427,7 +296,7 @@ class Client:
         reply = self._request(protocol.HISTORY, {"id": task_id})
         events = reply.get("events")
         if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
-            raise _malformed("HISTORY reply has no event list")
+            raise malformed("HISTORY reply has no event list")
         view = reply.get("task")
         return (TaskInfo.from_view(view) if view is not None else None), events
 
@@ -601,7 +470,7 @@ class Client:
         for view in views:
             if (
                 isinstance(view, dict)
-                and _is_int(view.get("id"))
+                and is_int(view.get("id"))
                 and view.get("state") in protocol.FINAL_STATES
             ):
                 self._notified[view["id"]] = view
@@ -609,83 +478,23 @@ class Client:
             del self._notified[next(iter(self._notified))]
 
 
-# ---------------------------------------------------------------- encoding
-
-
-def _check_payload(name: str, index: int, payload: bytes) -> None:
-    """Refuse what the broker or a worker would: oversize, or not decodable there.
-
-    Workers decode with strict map keys (str or bytes only), so a dict with
-    int keys packs here but would fail every attempt there.
-    """
-    if len(payload) > _LIMITS.max_payload_bytes:
-        raise ValueError(
-            f"arguments #{index} of task {name!r} take {len(payload)} bytes packed; "
-            f"the limit is {_LIMITS.max_payload_bytes}"
-        )
-    try:
-        msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except (ValueError, TypeError) as e:
-        raise TypeError(f"arguments #{index} of task {name!r} cannot be sent: {e}") from e
-
-
-def _payload(name: str, index: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
-    try:
-        payload = protocol.pack([args, kwargs])
-    except (TypeError, ValueError, OverflowError) as e:
-        raise TypeError(f"arguments #{index} of task {name!r} cannot be sent: {e}") from e
-    _check_payload(name, index, payload)
-    return payload
-
-
-def _encode_many(
-    name: str,
-    arglist: Iterable[Sequence[Any]],
-    key: Callable[[Sequence[Any]], str | None] | None,
-) -> list[dict[str, Any]]:
-    """One wire item per argument sequence, packed in a tight loop (one dict each)."""
-    packer = msgpack.Packer(use_bin_type=True)
-    pack = packer.pack
-    no_kwargs: dict[str, Any] = {}
-    items: list[dict[str, Any]] = []
-    append = items.append
-    for index, args in enumerate(arglist):
-        if type(args) is not tuple and type(args) is not list:
-            if isinstance(args, str | bytes) or not isinstance(args, Sequence):
-                raise TypeError(
-                    f"arguments #{index} of task {name!r} must be a sequence, "
-                    f"not {type(args).__name__}"
-                )
-            args = list(args)
-        try:
-            payload = pack([args, no_kwargs])
-        except (TypeError, ValueError, OverflowError) as e:
-            raise TypeError(f"arguments #{index} of task {name!r} cannot be sent: {e}") from e
-        _check_payload(name, index, payload)
-        if key is None:
-            append({"name": name, "payload": payload})
-        else:
-            append({"name": name, "payload": payload, "key": key(args)})
-    return items
-
-
 # ---------------------------------------------------------------- reply checks
 
 
 def _reply_ids(reply: dict[str, Any], expected: int) -> list[int]:
     ids = reply.get("ids")
-    if not isinstance(ids, list) or len(ids) != expected or not all(_is_int(i) for i in ids):
-        raise _malformed(f"SUBMIT reply must carry {expected} task ids")
+    if not isinstance(ids, list) or len(ids) != expected or not all(is_int(i) for i in ids):
+        raise malformed(f"SUBMIT reply must carry {expected} task ids")
     return ids
 
 
 def _reply_views(reply: dict[str, Any], asked: list[int]) -> list[Any]:
     views = reply.get("tasks")
     if not isinstance(views, list) or len(views) != len(asked):
-        raise _malformed(f"GET reply must carry {len(asked)} task views")
+        raise malformed(f"GET reply must carry {len(asked)} task views")
     for task_id, view in zip(asked, views, strict=True):
         if view is not None and (not isinstance(view, dict) or view.get("id") != task_id):
-            raise _malformed(f"GET reply has a view that is not task {task_id}")
+            raise malformed(f"GET reply has a view that is not task {task_id}")
     return views
 
 
@@ -693,5 +502,5 @@ def _unknown_names(reply: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, .
     unknown = reply.get("unknown") or []
     known = reply.get("known") or []
     if not isinstance(unknown, list) or not isinstance(known, list):
-        raise _malformed("SUBMIT reply has bad unknown/known name lists")
+        raise malformed("SUBMIT reply has bad unknown/known name lists")
     return tuple(str(n) for n in unknown), tuple(str(n) for n in known)
