@@ -68,7 +68,8 @@ class Broker:
         self._notices: dict[bytes, list[dict[str, Any]]] = {}
         self._new_leases: list[tuple[int, int, str]] = []
         self._successes: list[tuple[int, int, str, bytes | None]] = []
-        self._complaints: dict[bytes, float] = {}
+        self._complaints: dict[bytes, float] = {}  # identity -> last log line about it
+        self._disconnects: dict[bytes, float] = {}  # identity -> last DISCONNECT sent
         self._stop = threading.Event()
         self._handlers: dict[tuple[bytes, bytes], Handler] = {
             (p.PROTOCOL_CLIENT, p.SUBMIT): self._on_submit,
@@ -171,21 +172,28 @@ class Broker:
         except Exception as e:
             # A bug must not stop the broker for everyone, nor make it crash
             # again on every resend of the message that found it.
-            log.exception("internal error handling %s from %r", envelope.command, identity[:32])
+            if self._may_complain(identity, now):
+                log.exception("internal error on %s from %r", envelope.command, identity[:32])
             error = p.ProtocolError(p.E_INTERNAL, f"internal error: {type(e).__name__}")
             self._reject(identity, envelope.protocol, _seq(envelope), error, now)
 
     def _reject(
         self, identity: bytes, protocol: bytes, seq: int | None, error: p.ProtocolError, now: float
     ) -> None:
-        if now - self._complaints.get(identity, -COMPLAINT_INTERVAL_S) >= COMPLAINT_INTERVAL_S:
-            if len(self._complaints) > 10_000:
-                self._complaints.clear()  # bounded memory under a flood of identities
-            self._complaints[identity] = now
+        if self._may_complain(identity, now):
             log.warning("rejected message from %r: %s (%s)", identity[:32], error, error.code)
         self._outbox.append(
             [identity, protocol, p.ERROR, p.pack(p.error_body(seq, error.code, error.message))]
         )
+
+    def _may_complain(self, identity: bytes, now: float) -> bool:
+        """One log line per peer per interval: a flood must not fill the disk."""
+        if now - self._complaints.get(identity, -COMPLAINT_INTERVAL_S) < COMPLAINT_INTERVAL_S:
+            return False
+        if len(self._complaints) > 10_000:
+            self._complaints.clear()  # bounded memory under a flood of identities
+        self._complaints[identity] = now
+        return True
 
     def _reply(self, identity: bytes, body: Mapping[str, Any]) -> None:
         self._outbox.append([identity, p.PROTOCOL_CLIENT, p.REPLY, p.pack(body)])
@@ -376,6 +384,8 @@ class Broker:
         for lease in list(previous.leases.values()) if previous else []:
             job = lease.job
             if (job.id, job.attempt) in held or (same_process and lease.dseq > request.dseq):
+                if not same_process:
+                    lease.dseq = 0  # its number belongs to the old process's numbering
                 worker.leases[job.id] = lease
             else:
                 self._lease_lost(lease, f"worker {name} registered again without it", wall)
@@ -455,9 +465,11 @@ class Broker:
         worker = self.workers.get(_name(identity))
         if (
             worker is None
-            and now - self._complaints.get(identity, -1e9) >= self.settings.heartbeat_s
+            and now - self._disconnects.get(identity, -1e9) >= self.settings.heartbeat_s
         ):
-            self._complaints[identity] = now
+            if len(self._disconnects) > 10_000:
+                self._disconnects.clear()
+            self._disconnects[identity] = now
             self._outbox.append(
                 [identity, p.PROTOCOL_WORKER, p.DISCONNECT, p.pack({"reason": "unknown worker"})]
             )
@@ -650,7 +662,8 @@ def _job(row: Mapping[str, Any]) -> Job:
 
 def _seq(envelope: p.Envelope) -> int | None:
     seq = envelope.body.get("seq")
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    valid = isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63
+    return seq if valid else None
 
 
 def _name(identity: bytes) -> str:
