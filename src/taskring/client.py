@@ -38,6 +38,7 @@ from taskring.errors import (
 )
 from taskring.payloads import encode_many, payload
 from taskring.reliable import Backoff, Outstanding
+from taskring.security import CurveClientConfig
 from taskring.taskinfo import TaskHandle, TaskInfo, is_int, malformed, outcome
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class Client:
 
     `timeout_s` bounds how long one request may go unanswered (it is resent
     meanwhile with `backoff`); past it the request raises BrokerUnavailable.
-    `repoll_s` is how often waiting asks again with GET. Not thread-safe:
+    `repoll_s` is how often waiting asks again with GET. `curve` encrypts and
+    authenticates the connection to a broker that requires CURVE. Not thread-safe:
     use one Client per thread.
     """
 
@@ -73,6 +75,7 @@ class Client:
         backoff: Backoff | None = None,
         repoll_s: float = 1.0,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: CurveClientConfig | None = None,
     ) -> None:
         if timeout_s <= 0 or repoll_s <= 0:
             raise ValueError("timeout_s and repoll_s must be positive")
@@ -92,10 +95,15 @@ class Client:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         try:
+            if curve is not None:
+                curve.apply(sock)  # keys must be set before connect
             sock.connect(endpoint)
         except zmq.ZMQError as e:
             sock.close(linger=0)
             raise TaskringError(f"cannot connect to {endpoint!r}: {e}") from e
+        except TaskringError:
+            sock.close(linger=0)  # an unusable key file
+            raise
         self._sock = sock
 
     # ------------------------------------------------------------ lifecycle

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from taskring import __version__
-from taskring.cli import demo, serve, show, tasks
+from taskring.cli import demo, keys, serve, show, tasks
+from taskring.cli.common import Session, fail
+from taskring.security import CurveClientConfig
 
 app = typer.Typer(
     name="taskring",
@@ -26,6 +29,7 @@ app.command()(show.status)
 app.command("tasks")(show.tasks)
 app.command()(show.history)
 app.command()(demo.demo)
+app.command()(keys.keygen)
 
 
 def _version(value: bool) -> None:
@@ -42,8 +46,26 @@ def _root(
             "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
+    server_key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TASKRING_SERVER_KEY",
+            help="The broker's public key file: connect with CURVE (needs --curve-secret).",
+        ),
+    ] = None,
+    curve_secret: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TASKRING_CURVE_SECRET",
+            help="This client's secret key file (from `taskring keygen`).",
+        ),
+    ] = None,
 ) -> None:
     """taskring: a durable task queue on ZeroMQ that survives kill -9."""
+    if (server_key is None) != (curve_secret is None):
+        fail("--server-key and --curve-secret go together")
+    if server_key is not None and curve_secret is not None:
+        Session.curve = CurveClientConfig(str(server_key), str(curve_secret))
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from taskring.errors import (
     TaskNotFound,
     TaskringError,
 )
+from taskring.security import CurveClientConfig
 
 
 class ExitCode(enum.IntEnum):
@@ -94,10 +95,16 @@ def client_errors() -> Iterator[None]:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
 
 
+class Session:
+    """Options given before the command (`taskring --server-key K ... submit`)."""
+
+    curve: CurveClientConfig | None = None
+
+
 @contextlib.contextmanager
 def connect(endpoint: str, timeout_s: float) -> Iterator[Client]:
     """A Client whose errors end the command with one line."""
-    with client_errors(), Client(endpoint, timeout_s=timeout_s) as client:
+    with client_errors(), Client(endpoint, timeout_s=timeout_s, curve=Session.curve) as client:
         yield client
 
 
