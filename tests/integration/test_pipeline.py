@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from conftest import Cluster, wait_for
+from cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,7 +36,9 @@ def test_tasks_with_the_same_key_run_on_the_same_worker(cluster: Cluster) -> Non
     cluster.wait_workers("w1", "w2", "w3")
     keys = [f"user-{i % 30}" for i in range(600)]
     with cluster.client() as client:
-        ids = client.submit_many("tt_tasks.add", [(i, i) for i in range(600)], key=lambda a: keys[a[0]])
+        ids = client.submit_many(
+            "tt_tasks.add", [(i, i) for i in range(600)], key=lambda a: keys[a[0]]
+        )
         done = client.wait(ids, timeout=60)
     workers_by_key = collections.defaultdict(set)
     for task_id, key in zip(ids, keys, strict=True):
@@ -79,7 +81,7 @@ def test_broker_restart_with_sigterm_completes_every_queued_task(cluster: Cluste
     with cluster.client() as client:
         ids = client.submit_many("tt_tasks.nap", [(0.01,) for _ in range(300)])
         wait_for(
-            lambda: (client.broker_status()["states"].get("succeeded", 0) >= 30),
+            lambda: client.broker_status()["states"].get("succeeded", 0) >= 30,
             30,
             "some tasks to finish",
         )

@@ -22,7 +22,17 @@ class WorkerState:
     registered_at: float
     dseq: int = 0  # TASK messages sent in this registration
     leases: dict[int, Lease] = dataclasses.field(default_factory=dict)
+    # [id, attempt] pairs the worker reports in `held` that are not its leases here: a
+    # superseded attempt it still runs, or a result it has not had acknowledged yet.
+    # They fill its slots as much as leases do: without counting them, a worker back
+    # from a freeze was sent tasks it had to refuse, and each refusal cost an attempt,
+    # so queued tasks were dead-lettered within milliseconds (tests/chaos/test_crashes.py).
+    foreign: set[tuple[int, int]] = dataclasses.field(default_factory=set)
 
     @property
     def credit(self) -> int:
-        return self.capacity - len(self.leases)
+        return self.capacity - len(self.leases) - len(self.foreign)
+
+    def update_foreign(self, held: set[tuple[int, int]]) -> None:
+        """From a READY's or HEARTBEAT's `held`, once the leases it claims are settled."""
+        self.foreign = held - {(lease.job.id, lease.job.attempt) for lease in self.leases.values()}
