@@ -275,14 +275,15 @@ class Broker:
         self._reply(envelope.identity, reply)
         if request.watch:
             fresh = {job.id for job in jobs}
-            self._watch(envelope.identity, [i for i in ids if i not in fresh], fresh)
+            self._watch(envelope.identity, [i for i in ids if i not in fresh], fresh, wall)
 
-    def _watch(self, identity: bytes, ids: list[int], fresh: set[int]) -> None:
+    def _watch(self, identity: bytes, ids: list[int], fresh: set[int], wall: float) -> None:
         """Register for NOTIFY; tasks already final are announced right away."""
         for task_id in fresh:
             self.watchers.setdefault(task_id, set()).add(identity)
         if not ids:
             return
+        self._flush_writes(wall)
         views = self.store.views(ids)
         for task_id in ids:
             row = views.get(task_id)
@@ -295,6 +296,9 @@ class Broker:
 
     def _on_get(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_get(envelope.body, self.limits)
+        # Results applied earlier in this turn must be visible, or a watch would
+        # be set on a task whose NOTIFY already went out.
+        self._flush_writes(wall)
         views = self.store.views(request.ids)
         tasks = [p.task_view(views[i]) if i in views else None for i in request.ids]
         self._reply(envelope.identity, {"seq": request.seq, "tasks": tasks})
@@ -398,6 +402,7 @@ class Broker:
                 self.store.event(job.id, "adopted", job.attempt, name, None, wall)
             else:
                 self._lease_lost(lease, f"worker {name} returned without it", wall)
+        worker.update_foreign(held)
         log.info(
             "worker %s registered (capacity %d, holding %d)", name, request.capacity, len(held)
         )
@@ -424,6 +429,7 @@ class Broker:
             # not hold it: the message was lost in a reconnect.
             if 0 < lease.dseq <= beat.dseq and (lease.job.id, lease.job.attempt) not in held:
                 self._lease_lost(lease, "lease lost in transit", wall)
+        worker.update_foreign(held)
 
     def _on_result(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_result(envelope.body, self.limits)
@@ -432,12 +438,15 @@ class Broker:
         for outcome in request.results:
             lease = self._current(outcome.id, outcome.attempt, name)
             if lease is None:
-                if self._refuse(outcome.id, outcome.attempt, name, "result", wall):
+                if self._refuse(outcome.id, outcome.attempt, name, "result", wall, ok=outcome.ok):
                     stale.append(outcome.id)
                 continue
             self._apply(lease, outcome, wall)
         self._ack(envelope.identity, request.seq, stale)
-        self._registered(envelope.identity, now)
+        worker = self._registered(envelope.identity, now)
+        if worker is not None:
+            # The ACK goes out before any TASK of this turn: the worker frees these slots first.
+            worker.foreign -= {(o.id, o.attempt) for o in request.results}
 
     def _on_checkpoint(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_checkpoint(envelope.body, self.limits)
@@ -445,7 +454,9 @@ class Broker:
         lease = self._current(request.id, request.attempt, name)
         stale = []
         if lease is None:
-            if self._refuse(request.id, request.attempt, name, "checkpoint", wall):
+            if self._refuse(
+                request.id, request.attempt, name, "checkpoint", wall, number=request.number
+            ):
                 stale.append(request.id)
         elif request.number > lease.job.checkpoint_no:  # equal: a resend, already applied
             job = lease.job
@@ -486,17 +497,32 @@ class Broker:
             return None
         return lease
 
-    def _refuse(self, task_id: int, attempt: int, worker: str, what: str, wall: float) -> bool:
-        """Record a message of a superseded attempt; False for a duplicate or unknown task."""
+    def _refuse(
+        self,
+        task_id: int,
+        attempt: int,
+        worker: str,
+        what: str,
+        wall: float,
+        *,
+        ok: bool = False,
+        number: int = 0,
+    ) -> bool:
+        """Record a message of a superseded attempt; False for a resend of what was applied."""
         row = self.store.outcome(task_id)
         if row is None:
             return True  # no such task: nothing to record it against
-        if (
-            row["attempt"] == attempt
-            and row["worker"] == worker
-            and (row["state"] in p.FINAL_STATES or what == "checkpoint")
-        ):
-            return False  # a resend of something already applied
+        if row["attempt"] == attempt and row["worker"] == worker:
+            # Same attempt, but its lease is gone: a resend only if the log shows
+            # this very message applied. A late checkpoint or result of a lease
+            # that was lost meanwhile was not applied and must be called stale,
+            # or its sender would believe it saved.
+            if what == "checkpoint" and row["checkpoint_no"] >= number:
+                return False
+            if what == "result" and ok and row["state"] == p.SUCCEEDED:
+                return False
+            if what == "result" and not ok and row["state"] in (p.FAILED, p.DEAD, p.QUEUED):
+                return False  # a failure needs no more than being retried or final
         current = self.leases.get(task_id)
         detail = f"{what} of attempt {attempt} refused; task is {row['state']}"
         if current is not None:

@@ -122,7 +122,9 @@ class Store:
         # The log may hold task arguments and results: readable by its owner only.
         if created:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self.db = sqlite_utils.Database(self.path)
+        # Autocommit outside turn(): a stray write can never leave a transaction
+        # open that every later turn would silently nest inside and never commit.
+        self.db = sqlite_utils.Database(sqlite3.connect(self.path, isolation_level=None))
         self.db.enable_wal()
         self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         self.db.execute("PRAGMA busy_timeout = 5000")
@@ -136,6 +138,8 @@ class Store:
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
         """One transaction: every write of one broker loop turn commits together."""
+        if self.conn.in_transaction:
+            raise RuntimeError("a transaction is already open: turns do not nest")
         with self.db.atomic():
             yield
 
@@ -258,7 +262,9 @@ class Store:
         return found
 
     def outcome(self, task_id: int) -> sqlite3.Row | None:
-        rows = self._rows("SELECT state, attempt, worker FROM tasks WHERE id = ?", (task_id,))
+        rows = self._rows(
+            "SELECT state, attempt, worker, checkpoint_no FROM tasks WHERE id = ?", (task_id,)
+        )
         return rows[0] if rows else None
 
     def list_tasks(
