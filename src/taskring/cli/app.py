@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from taskring import __version__
-from taskring.cli import demo, keys, serve, show, tasks
+from taskring.cli import check, demo, keys, serve, show, tasks
 from taskring.cli.common import Session, fail
 from taskring.security import CurveClientConfig
 
@@ -29,6 +29,8 @@ app.command()(show.status)
 app.command("tasks")(show.tasks)
 app.command()(show.history)
 app.command()(demo.demo)
+app.command()(check.verify)
+app.command()(check.chaos)
 app.command()(keys.keygen)
 
 

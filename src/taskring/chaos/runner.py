@@ -1,0 +1,351 @@
+"""A chaos run: one broker, workers and clients under SIGKILL and SIGSTOP, then the checker.
+
+1. Start the broker, the workers (taskring.chaos_tasks, each with --journal)
+   and the client processes, on an ipc endpoint in the run's folder.
+2. Play the schedule: kill -9 the broker or a worker and restart it after a
+   pause, or SIGSTOP a worker for a while. A process that exits on its own
+   is a problem: it is reported and restarted.
+3. End of the faults: everything is up again; the clients stop submitting.
+4. Drain: broker and workers run on until every task in the log is final
+   (or `drain_timeout_s` passes); then they are stopped with SIGTERM.
+5. Check the history (taskring.verify) with every journal of the run.
+
+The folder keeps tasks.db, clients/*.jsonl, workers/<name>-<n>.jsonl,
+starts.jsonl and logs/, so `taskring verify` can look again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from taskring.chaos.client import ClientPlan, plan_args
+from taskring.chaos.processes import Supervisor
+from taskring.chaos.schedule import (
+    BROKER,
+    KILL,
+    ChaosConfig,
+    Fault,
+    client_seed,
+    make_schedule,
+)
+from taskring.client import Client
+from taskring.errors import TaskringError
+from taskring.verify import Report, check, format_report
+
+TICK_S = 0.02
+MAX_IPC_PATH = 100  # the kernel allows about 107 bytes for a unix socket path
+
+
+class ChaosError(TaskringError):
+    """The run could not be set up or started (its processes did not come up)."""
+
+
+@dataclasses.dataclass(slots=True)
+class ChaosResult:
+    config: ChaosConfig
+    root: Path
+    schedule: list[Fault]
+    report: Report
+    problems: list[str]  # the run itself misbehaved: a process died on its own, a late drain
+    faults_done: int
+    faults_skipped: int  # their target was already down or paused
+    chaos_s: float
+    drain_s: float
+    total_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and not self.problems
+
+
+def format_result(result: ChaosResult, show: int = 20) -> str:
+    c, root = result.config, result.root
+    lines = [
+        f"chaos seed {c.seed}: {result.chaos_s:.1f} s of faults ({result.faults_done} done, "
+        f"{result.faults_skipped} skipped), {c.workers} workers, {c.clients} clients; "
+        f"drain {result.drain_s:.1f} s; total {result.total_s:.1f} s",
+        format_report(result.report, show),
+    ]
+    lines.extend(f"PROBLEM: {p}" for p in result.problems)
+    lines.append(f"replay: taskring chaos --seed {c.seed} --duration {c.duration_s:g}")
+    lines.append(
+        f"verify: taskring verify --drained --db {root / 'tasks.db'} --clients {root / 'clients'}"
+        f" --workers {root / 'workers'} --starts {root / 'starts.jsonl'}"
+    )
+    return "\n".join(lines)
+
+
+def run_chaos(
+    config: ChaosConfig, root: Path, *, out: Callable[[str], None] = print
+) -> ChaosResult:
+    """Run the scenario in `root` (created; must not hold an earlier run)."""
+    root = root.resolve()
+    if (root / "tasks.db").exists():
+        raise ChaosError(f"{root} already holds a chaos run; choose an empty folder")
+    for sub in ("clients", "workers", "logs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    schedule = make_schedule(config)
+    out(
+        f"chaos seed {config.seed}, {config.duration_s:g} s, {config.workers} workers, "
+        f"{config.clients} clients, folder {root}"
+    )
+    out(f"schedule ({len(schedule)} faults):")
+    for fault in schedule:
+        out(f"  {fault.at_s:6.2f} s  {fault.describe()}")
+    socket_dir = None
+    endpoint = f"ipc://{root}/broker.ipc"
+    if len(endpoint) > MAX_IPC_PATH:
+        socket_dir = Path(tempfile.mkdtemp(prefix="trc-"))
+        endpoint = f"ipc://{socket_dir}/broker.ipc"
+    run = _Run(config, root, endpoint, Supervisor(root, root / "logs"), out)
+    started = time.monotonic()
+    try:
+        run.start()
+        chaos_s = run.play(schedule)
+        drain_s = run.drain()
+        run.stop()
+    finally:
+        run.sup.stop_all()
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+    starts = root / "starts.jsonl"
+    report = check(
+        root / "tasks.db",
+        [root / "clients"],
+        [root / "workers"],
+        start_logs=[starts] if starts.exists() else [],
+        drained=True,
+    )
+    return ChaosResult(
+        config=config,
+        root=root,
+        schedule=schedule,
+        report=report,
+        problems=run.problems,
+        faults_done=run.faults_done,
+        faults_skipped=run.faults_skipped,
+        chaos_s=chaos_s,
+        drain_s=drain_s,
+        total_s=time.monotonic() - started,
+    )
+
+
+class _Run:
+    def __init__(
+        self,
+        config: ChaosConfig,
+        root: Path,
+        endpoint: str,
+        sup: Supervisor,
+        out: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self.root = root
+        self.endpoint = endpoint
+        self.sup = sup
+        self.out = out
+        self.db = root / "tasks.db"
+        self.servers = [BROKER, *config.worker_names]
+        self.clients = [f"c{i + 1}" for i in range(config.clients)]
+        self.problems: list[str] = []
+        self.faults_done = self.faults_skipped = 0
+
+    # ------------------------------------------------------------ processes
+
+    def _broker_args(self, n: int) -> list[str]:
+        c = self.config
+        return [
+            "-m", "taskring", "broker",
+            "--endpoint", self.endpoint,
+            "--db", str(self.db),
+            "--heartbeat", str(c.heartbeat_s),
+            "--liveness", str(c.liveness),
+        ]  # fmt: skip
+
+    def _worker_args(self, name: str) -> Callable[[int], list[str]]:
+        def args(n: int) -> list[str]:
+            return [
+                "-m", "taskring", "worker", "taskring.chaos_tasks",
+                "--endpoint", self.endpoint,
+                "--name", name,
+                "--concurrency", str(self.config.concurrency),
+                "--journal", str(self.root / "workers" / f"{name}-{n}.jsonl"),
+            ]  # fmt: skip
+
+        return args
+
+    def _client_args(self, index: int) -> Callable[[int], list[str]]:
+        c = self.config
+        plan = ClientPlan(
+            name=self.clients[index],
+            endpoint=self.endpoint,
+            journal=str(self.root / "clients" / f"{self.clients[index]}.jsonl"),
+            start_log=str(self.root / "starts.jsonl"),
+            seed=client_seed(c, index),
+            duration_s=c.duration_s,
+            keys=c.keys,
+            timeout_s=c.client_timeout_s,
+        )
+        return lambda n: plan_args(plan)
+
+    def start(self) -> None:
+        self.sup.start(BROKER, self._broker_args)
+        self._wait(lambda status: True, "the broker to answer")
+        for name in self.config.worker_names:
+            self.sup.start(name, self._worker_args(name))
+        names = set(self.config.worker_names)
+        self._wait(
+            lambda status: names <= {w["name"] for w in status.get("workers", [])},
+            "the workers to register",
+        )
+        for i, name in enumerate(self.clients):
+            self.sup.start(name, self._client_args(i))
+
+    def _wait(self, ready: Callable[[dict[str, Any]], bool], what: str) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        with Client(self.endpoint, timeout_s=0.5) as client:
+            while time.monotonic() < deadline:
+                for role, code in self.sup.exited(self.servers):
+                    raise ChaosError(
+                        f"{role} exited with code {code} at start; see {self.sup.log_path(role)}"
+                    )
+                try:
+                    if ready(client.broker_status()):
+                        return
+                except TaskringError:
+                    pass  # not up yet
+                time.sleep(0.1)
+        raise ChaosError(f"timed out waiting for {what}; see the logs in {self.root / 'logs'}")
+
+    def _watch(self, elapsed_s: float) -> None:
+        """Processes that ended on their own: a problem; servers are started again."""
+        for role, code in self.sup.exited(self.servers):
+            self._problem(
+                f"{role} exited by itself with code {code} at {elapsed_s:.1f} s "
+                f"(see {self.sup.log_path(role)}); restarted"
+            )
+            self.sup.restart(role)
+        for role, code in self.sup.exited(self.clients):
+            if code != 0:
+                self._problem(
+                    f"client {role} failed with code {code}; see {self.sup.log_path(role)}"
+                )
+            self.sup.down.add(role)  # reported once
+
+    def _problem(self, line: str) -> None:
+        self.problems.append(line)
+        self.out(f"PROBLEM: {line}")
+
+    # ------------------------------------------------------------ the faults
+
+    def play(self, schedule: Sequence[Fault]) -> float:
+        """Apply the faults on time; then bring every process back. Returns the seconds spent."""
+        t0 = time.monotonic()
+        faults = list(schedule)
+        undo: list[tuple[float, str]] = []  # (due, role): restart a killed role, resume a paused
+        while True:
+            elapsed = time.monotonic() - t0
+            for item in sorted(u for u in undo if u[0] <= elapsed):
+                undo.remove(item)
+                self._undo(item[1], elapsed)
+            self._watch(elapsed)
+            if faults and faults[0].at_s <= elapsed:
+                fault = faults.pop(0)
+                if self._apply(fault, elapsed):
+                    undo.append((elapsed + fault.pause_s, fault.target))
+            elif elapsed >= self.config.duration_s and not faults:
+                break
+            time.sleep(TICK_S)
+        elapsed = time.monotonic() - t0
+        for _, role in sorted(undo):
+            self._undo(role, elapsed)
+        self.out(f"{elapsed:7.2f} s  end of faults; every process is up")
+        return elapsed
+
+    def _apply(self, fault: Fault, elapsed: float) -> bool:
+        role = fault.target
+        if role in self.sup.down or role in self.sup.paused:
+            self.faults_skipped += 1
+            self.out(f"{elapsed:7.2f} s  skipped ({role} is already down): {fault.describe()}")
+            return False
+        self.faults_done += 1
+        pid = self.sup.current[role].pid
+        self.out(f"{elapsed:7.2f} s  {fault.describe()} (pid {pid})")
+        if fault.action == KILL:
+            self.sup.kill(role)
+        else:
+            self.sup.pause(role)
+        return True
+
+    def _undo(self, role: str, elapsed: float) -> None:
+        if role in self.sup.down:
+            proc = self.sup.restart(role)
+            self.out(f"{elapsed:7.2f} s  {role} started again (pid {proc.pid})")
+        elif role in self.sup.paused:
+            self.sup.resume(role)
+            self.out(f"{elapsed:7.2f} s  SIGCONT {role}")
+
+    # ------------------------------------------------------------ the end
+
+    def drain(self) -> float:
+        """Clients finish; then wait until every task is final. Returns the seconds spent."""
+        t0 = time.monotonic()
+        client_deadline = t0 + self.config.client_timeout_s + 15.0
+        while any(self.sup.current[c].poll() is None for c in self.clients):
+            if time.monotonic() > client_deadline:
+                late = [c for c in self.clients if self.sup.current[c].poll() is None]
+                self._problem(f"clients {', '.join(late)} did not finish; terminated")
+                self.sup.terminate(late)
+                break
+            self._watch(time.monotonic() - t0)
+            time.sleep(0.1)
+        self._watch(time.monotonic() - t0)
+        deadline = t0 + self.config.drain_timeout_s
+        next_note = t0
+        while True:
+            open_tasks = _unfinished(self.db)
+            now = time.monotonic()
+            if open_tasks == 0:
+                break
+            if now > deadline:
+                self._problem(
+                    f"{open_tasks} tasks still not final after a drain of "
+                    f"{self.config.drain_timeout_s:g} s"
+                )
+                break
+            if now >= next_note:
+                self.out(f"drain: {open_tasks} tasks not final yet")
+                next_note = now + 5.0
+            self._watch(now - t0)
+            time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+        self.out(f"drain done in {elapsed:.1f} s")
+        return elapsed
+
+    def stop(self) -> None:
+        """Workers first (they leave the ring), then the broker, each with SIGTERM."""
+        for role, code in {
+            **self.sup.terminate(self.config.worker_names),
+            **self.sup.terminate([BROKER]),
+        }.items():
+            if code != 0:
+                self._problem(f"{role} exited with code {code} on SIGTERM")
+
+
+def _unfinished(db: Path) -> int:
+    """Tasks not final yet, read from the log without writing to it."""
+    conn = sqlite3.connect(db.as_uri() + "?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT count(*) FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'dead')"
+        ).fetchone()
+        return int(row[0])
+    finally:
+        conn.close()

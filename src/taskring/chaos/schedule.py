@@ -1,0 +1,74 @@
+"""What a chaos run does and when: its settings and a schedule drawn up front from the seed.
+
+The schedule is a plain list made before anything starts, so a seed names a
+run: print it, and `taskring chaos --seed N` (or `pytest --chaos-seed N`)
+replays the same faults at the same moments (the processes' own timing still
+varies, as it would in any replay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+BROKER = "broker"
+KILL = "kill"  # SIGKILL, then start again (same name, same database) after `pause_s`
+STOP = "stop"  # SIGSTOP, then SIGCONT after `pause_s`
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ChaosConfig:
+    seed: int
+    duration_s: float = 45.0  # of faults and submits; the drain comes after
+    workers: int = 3
+    clients: int = 2
+    concurrency: int = 4  # task threads per worker
+    heartbeat_s: float = 0.2
+    liveness: int = 3
+    keys: int = 16  # placement keys the clients spread their tasks over
+    client_timeout_s: float = 20.0  # a client's request timeout: it rides out broker outages
+    drain_timeout_s: float = 90.0  # after the faults, how long tasks get to finish
+    startup_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.workers < 1 or self.clients < 1 or self.keys < 1:
+            raise ValueError("duration_s, workers, clients and keys must be positive")
+
+    @property
+    def worker_names(self) -> list[str]:
+        return [f"w{i + 1}" for i in range(self.workers)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fault:
+    at_s: float  # seconds after the clients started
+    action: str  # KILL or STOP
+    target: str  # BROKER or a worker name
+    pause_s: float  # until the restart (KILL) or the SIGCONT (STOP)
+
+    def describe(self) -> str:
+        if self.action == KILL:
+            return f"kill -9 {self.target}, restart after {self.pause_s:.2f} s"
+        return f"SIGSTOP {self.target} for {self.pause_s:.2f} s"
+
+
+def make_schedule(config: ChaosConfig) -> list[Fault]:
+    """Faults every 1-4 s: the broker killed (30%), a worker killed (50%) or paused (20%)."""
+    rng = random.Random(config.seed)
+    faults: list[Fault] = []
+    at = rng.uniform(1.0, 3.0)
+    while at < config.duration_s - 1.0:
+        roll = rng.random()
+        if roll < 0.3:
+            faults.append(Fault(round(at, 2), KILL, BROKER, round(rng.uniform(0.1, 1.5), 2)))
+        else:
+            action = KILL if roll < 0.8 else STOP
+            worker = rng.choice(config.worker_names)
+            faults.append(Fault(round(at, 2), action, worker, round(rng.uniform(0.1, 1.5), 2)))
+        at += rng.uniform(1.0, 4.0)
+    return faults
+
+
+def client_seed(config: ChaosConfig, index: int) -> int:
+    """Each client's own seed, derived from the run's."""
+    return config.seed * 1000 + index
