@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m taskring demo
 
@@ -26,6 +32,11 @@ test-fast: $(STAMP)
 
 chaos: $(STAMP)
 	$(PY) -m pytest tests/chaos -m chaos
+
+# Dramatiq's reference run needs a redis-server binary (apt-get install redis-server);
+# without one it is skipped with a line. BENCH_ARGS=--quick for a short run.
+bench: $(BENCH_STAMP)
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
