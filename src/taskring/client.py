@@ -425,6 +425,8 @@ class Client:
     # ------------------------------------------------------------ socket
 
     def _send(self, frames: list[bytes]) -> None:
+        if self._sock.closed:
+            raise TaskringError("this client is closed; open a new Client")
         try:
             self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:

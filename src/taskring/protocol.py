@@ -412,6 +412,7 @@ class Ready:
 class WorkerHeartbeat:
     dseq: int  # last TASK dseq received
     held: tuple[tuple[int, int], ...]
+    draining: bool  # stopping: finishes what it holds, wants no more tasks
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -476,7 +477,8 @@ def decode_worker_heartbeat(
     body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS
 ) -> WorkerHeartbeat:
     dseq = _count(body, "dseq") if body.get("dseq") is not None else 0
-    return WorkerHeartbeat(dseq=dseq, held=_held(body, limits))
+    draining = bool(_optional(body, "draining", bool, False))
+    return WorkerHeartbeat(dseq=dseq, held=_held(body, limits), draining=draining)
 
 
 def _outcome(item: Any, limits: Limits) -> TaskOutcome:

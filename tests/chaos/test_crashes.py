@@ -417,11 +417,6 @@ def test_a_resumed_worker_is_not_sent_more_than_it_can_run_beside_its_lost_task(
         assert client.result(handle.id, timeout=30)["attempt"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a draining worker refuses each TASK with retry=true and the broker sends it "
-    "straight back, so every attempt is used up in milliseconds: needs a protocol change",
-)
 def test_a_draining_worker_does_not_use_up_the_attempts_of_queued_tasks(
     cluster: Cluster,
 ) -> None:

@@ -455,3 +455,18 @@ def test_a_restarted_process_with_the_same_name_loses_what_it_does_not_hold(brok
     assert w.expect(broker, 0.0, p.WELCOME)["dseq"] == 0
     got = w.expect(broker, 0.0, p.TASK)["tasks"][0]
     assert (got["id"], got["attempt"]) == (task_id, 2)
+
+
+def test_a_draining_worker_gets_no_new_tasks_and_leaves_the_ring(broker, ctx):
+    # Given two workers and a draining announcement from w1
+    w1 = worker(ctx, broker, 0.0, b"w1", capacity=2)
+    w2 = worker(ctx, broker, 0.0, b"w2", capacity=2)
+    w1.send(p.HEARTBEAT, {"dseq": 0, "held": [], "draining": True})
+    w1.drain(broker, 0.0)
+    # When tasks arrive, keyed ones included
+    ids = submit(client(ctx, broker), broker, 0.0, [task(key=f"k{i}") for i in range(2)])
+    # Then all go to w2, and w1 owns no part of the ring
+    got = w2.expect(broker, 0.0, p.TASK)["tasks"]
+    assert sorted(t["id"] for t in got) == ids
+    assert [m for m in w1.drain(broker, 0.0) if m[0] == p.TASK] == []
+    assert "w1" not in broker.placement.ring

@@ -22,6 +22,7 @@ from taskring.errors import (
     ResultTimeout,
     TaskFailed,
     TaskNotFound,
+    TaskringError,
 )
 from taskring.reliable import Backoff
 
@@ -416,3 +417,10 @@ def test_the_safety_net_get_takes_turns_when_many_tasks_are_pending(
     assert all(len(r) == len(set(r)) <= 3 for r in rounds)
     assert sorted(i for r in rounds for i in r) == ids
     assert all(info.done for info in pending.result(timeout=5).values())
+
+
+def test_a_closed_client_says_so_instead_of_a_socket_error():
+    client = Client("tcp://127.0.0.1:9", timeout_s=0.2)
+    client.close()
+    with pytest.raises(TaskringError, match="closed"):
+        client.status(1)

@@ -256,9 +256,9 @@ def test_ready_capacity_is_bounded_by_max_batch() -> None:
 def test_worker_heartbeat_round_trip_and_defaults() -> None:
     body = GOOD["heartbeat"][2]()
     beat = p.decode_worker_heartbeat(received(p.PROTOCOL_WORKER, p.HEARTBEAT, body).body)
-    assert beat == p.WorkerHeartbeat(dseq=7, held=((42, 2), (43, 1)))
+    assert beat == p.WorkerHeartbeat(dseq=7, held=((42, 2), (43, 1)), draining=False)
     # Given the empty body a broker HEARTBEAT has, Then dseq 0 and nothing held
-    assert p.decode_worker_heartbeat({}) == p.WorkerHeartbeat(dseq=0, held=())
+    assert p.decode_worker_heartbeat({}) == p.WorkerHeartbeat(dseq=0, held=(), draining=False)
 
 
 def test_result_round_trip() -> None:
@@ -801,7 +801,7 @@ def test_ids_at_the_top_of_the_range_are_accepted() -> None:
     assert p.decode_tasks({"seq": 1, "before_id": top}).before_id == top
     assert p.decode_tasks({"seq": 1, "before_id": 0}).before_id == 0
     beat = p.decode_worker_heartbeat({"dseq": top, "held": [[top, top]]})
-    assert beat == p.WorkerHeartbeat(dseq=top, held=((top, top),))
+    assert beat == p.WorkerHeartbeat(dseq=top, held=((top, top),), draining=False)
     ready = p.decode_ready({**ready_body(), "dseq": top, "held": [[0, 0]]})
     assert (ready.dseq, ready.held) == (top, ((0, 0),))
 
@@ -993,3 +993,10 @@ def test_a_timestamp_in_any_good_body_is_bad_body(
     if name in COMMAND_OF:
         with rejected(p.E_BAD_BODY, "extension type -1"):
             p.open_envelope([PEER, protocol, COMMAND_OF[name], frame])
+
+
+def test_heartbeat_draining_flag_decodes_and_is_type_checked():
+    assert p.decode_worker_heartbeat({"draining": True}).draining is True
+    with pytest.raises(p.ProtocolError) as error:
+        p.decode_worker_heartbeat({"draining": 1})
+    assert error.value.code == p.E_BAD_BODY

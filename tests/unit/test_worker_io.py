@@ -259,11 +259,16 @@ def test_graceful_stop_drains_flushes_and_says_disconnect(broker: FakeBroker, st
     broker.dispatch(assignment(1, "wt.wait", "drain"))
     assert broker.last_held(after=time.monotonic()) == [[1, 1]]
     # When asked to stop while a task runs
+    asked = time.monotonic()
     w.worker.stop()
-    # Then a new task is refused
+    # Then it tells the broker at once, without waiting for the next beat
+    broker.pump(broker.heartbeat_s / 2)
+    told = [at for at, body in broker.heartbeats if at > asked and body.get("draining")]
+    assert told and told[0] - asked < broker.heartbeat_s
+    # ... a task the broker sent before it heard still runs: refusing would cost an attempt
     broker.dispatch(assignment(2, "wt.add", 1, 1))
     seq, results = broker.result()
-    assert "stopping" in results[2]["error"] and results[2]["retry"] is True
+    assert protocol.unpack(results[2]["value"]) == 2
     broker.ack(seq)
     # ... the running one finishes and its result is flushed
     threading.Timer(0.2, worker_tasks.gate("drain").set).start()

@@ -29,8 +29,12 @@ class WorkerState:
     # so queued tasks were dead-lettered within milliseconds (tests/chaos/test_crashes.py).
     foreign: set[tuple[int, int]] = dataclasses.field(default_factory=set)
 
+    draining: bool = False  # stopping: finishes what it holds, gets nothing new
+
     @property
     def credit(self) -> int:
+        if self.draining:
+            return 0
         return self.capacity - len(self.leases) - len(self.foreign)
 
     def update_foreign(self, held: set[tuple[int, int]]) -> None:

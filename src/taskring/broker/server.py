@@ -321,6 +321,7 @@ class Broker:
                 "share": shares.get(w.name, 0.0),
                 "tasks": sorted(w.tasks),
                 "last_seen_s": round(now - w.last_heard, 3),
+                "draining": w.draining,
             }
             for w in sorted(self.workers.values(), key=lambda w: w.name)
         ]
@@ -423,6 +424,10 @@ class Broker:
         worker = self._registered(envelope.identity, now)
         if worker is None:
             return
+        if beat.draining and not worker.draining:
+            worker.draining = True
+            self.placement.leave(worker.name)  # its keys move on now, not when it is gone
+            log.info("worker %s is draining", worker.name)
         held = set(beat.held)
         for lease in list(worker.leases.values()):
             # The worker has seen the TASK that carried this lease, yet does

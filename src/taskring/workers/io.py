@@ -99,7 +99,8 @@ class IOLoop:
         # A restarted process must not be mistaken for a reconnect of this one.
         self._incarnation = uuid.uuid4().hex
         self.registrations = 0  # WELCOMEs that registered this worker
-        self.stopping = False  # refuse new tasks: the worker is draining
+        self.stopping = False  # draining: tell the broker, finish what was sent, take no more
+        self._drain_announced = False
         self.closed = False
 
     # ------------------------------------------------------------ task side (any thread)
@@ -191,8 +192,14 @@ class IOLoop:
             return
         if not self.welcomed and now >= self._ready_due:
             self._send_ready(now)
-        if self.welcomed and now >= self._heartbeat_due:
-            body = {"dseq": self._dseq, "held": self._held_list()}
+        drain_news = self.stopping and not self._drain_announced
+        if self.welcomed and (now >= self._heartbeat_due or drain_news):
+            body: dict[str, Any] = {"dseq": self._dseq, "held": self._held_list()}
+            if self.stopping:
+                # At once, not at the next beat: every TASK the broker sends from
+                # now on would only delay the stop.
+                body["draining"] = True
+                self._drain_announced = True
             self._send(protocol.frames(PROTOCOL_WORKER, protocol.HEARTBEAT, body))
             self._heartbeat_due = now + self._heartbeat_s
         for frames in self._outstanding.due(now):
@@ -329,6 +336,7 @@ class IOLoop:
         self._first_delay_s = min(welcome.heartbeat_s, self.settings.reconnect_max_s)
         self._reconnect_delay_s = self._first_delay_s
         self._heartbeat_due = now + self._heartbeat_s
+        self._drain_announced = False  # a new registration must hear it again
         if self._resend_on_welcome:
             self._resend_on_welcome = False
             for frames in self._outstanding.resend_all(now):
@@ -345,9 +353,9 @@ class IOLoop:
             if key in self.held:
                 log.warning("task %s attempt %s is already held; duplicate ignored", *key)
                 continue
-            if self.stopping:
-                reason = f"worker {self.name} is stopping; task not started"
-            elif len(self.held) >= self.settings.concurrency:
+            # A task sent before the broker heard that this worker drains is
+            # run: refusing it would use up one of its attempts for nothing.
+            if len(self.held) >= self.settings.concurrency:
                 # The broker's credit should prevent this; never hold more than capacity.
                 reason = f"worker {self.name} is at capacity ({len(self.held)}); task not started"
             else:

@@ -60,7 +60,7 @@ class Worker:
         self._stop.set()
         io = self._io  # no lock: stop() may run in a signal handler inside run()'s thread
         if io is not None:
-            # A plain flag the loop reads per task: no TASK read after stop() returns is run.
+            # A plain flag the loop reads each turn: it tells the broker to send no more.
             io.stopping = True
             io.wake()
 
