@@ -41,6 +41,8 @@ from taskring.reliable import Backoff, Outstanding
 from taskring.security import CurveClientConfig
 from taskring.taskinfo import TaskHandle, TaskInfo, is_int, malformed, outcome
 
+__all__ = ["DEFAULT_ENDPOINT", "Client", "TaskHandle", "TaskInfo"]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"

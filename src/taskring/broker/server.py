@@ -240,7 +240,7 @@ class Broker:
                 ids.append(earlier[index])
                 continue
             if new.idempotency_key in by_key:
-                ids.append(by_key[new.idempotency_key])  # type: ignore[index]
+                ids.append(by_key[new.idempotency_key])
                 continue
             task_id = self.store.allocate_id()
             max_attempts = (

@@ -24,6 +24,10 @@ import sqlite_utils
 
 from taskring.protocol import FINAL_STATES, QUEUED, RUNNING
 
+# sqlite3.Row, read by column name; typed loosely because typeshed's Row is
+# not a Mapping, though every reader here uses it as one.
+Row = Any
+
 migrations = sqlite_utils.Migrations("taskring")
 
 
@@ -243,17 +247,17 @@ class Store:
     def known_names(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT name, max_attempts FROM task_names").fetchall())
 
-    def running(self) -> list[sqlite3.Row]:
+    def running(self) -> list[Row]:
         return self._rows(f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ?", (RUNNING,))
 
-    def queued(self, after_id: int, limit: int) -> list[sqlite3.Row]:
+    def queued(self, after_id: int, limit: int) -> list[Row]:
         return self._rows(
             f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
             (QUEUED, after_id, limit),
         )
 
-    def views(self, ids: Sequence[int]) -> dict[int, sqlite3.Row]:
-        found: dict[int, sqlite3.Row] = {}
+    def views(self, ids: Sequence[int]) -> dict[int, Row]:
+        found: dict[int, Row] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
@@ -261,7 +265,7 @@ class Store:
                 found[row["id"]] = row
         return found
 
-    def outcome(self, task_id: int) -> sqlite3.Row | None:
+    def outcome(self, task_id: int) -> Row | None:
         rows = self._rows(
             "SELECT state, attempt, worker, checkpoint_no FROM tasks WHERE id = ?", (task_id,)
         )
@@ -269,8 +273,9 @@ class Store:
 
     def list_tasks(
         self, state: str | None, name: str | None, limit: int, before_id: int | None
-    ) -> list[sqlite3.Row]:
-        where, params = [], []
+    ) -> list[Row]:
+        where: list[str] = []
+        params: list[Any] = []
         for column, value in (("state", state), ("name", name)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -283,7 +288,7 @@ class Store:
             f"SELECT {VIEW_COLUMNS} FROM tasks{clause} ORDER BY id DESC LIMIT ?", (*params, limit)
         )
 
-    def history(self, task_id: int) -> list[sqlite3.Row]:
+    def history(self, task_id: int) -> list[Row]:
         return self._rows(
             "SELECT at, kind, attempt, worker, detail FROM events WHERE task_id = ? ORDER BY id",
             (task_id,),
@@ -294,7 +299,7 @@ class Store:
             self.conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
         )
 
-    def _rows(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[Row]:
         cursor = self.conn.execute(sql, params)
         cursor.row_factory = sqlite3.Row
         return cursor.fetchall()
