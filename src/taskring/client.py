@@ -50,6 +50,8 @@ _LIMITS = protocol.DEFAULT_LIMITS
 # Final views pushed by NOTIFY and not yet read. Oldest are dropped past this:
 # a dropped hint only means the safety-net GET finds the state instead.
 _MAX_BUFFERED_NOTIFY = 100_000
+# Ids submitted with a NOTIFY watch, remembered so wait() need not GET them first.
+_MAX_WATCHED = 1_000_000
 # Ids the safety-net GET asks about per round, after the first round asked about all.
 _REPOLL_IDS = 5_000
 # Messages handled per socket wake-up before timers get a turn.
@@ -88,6 +90,7 @@ class Client:
         self._out = Outstanding(backoff)
         self._answers: dict[int, tuple[bytes, dict[str, Any]]] = {}
         self._notified: dict[int, dict[str, Any]] = {}
+        self._watched: set[int] = set()
         sock: zmq.Socket[bytes] = (context or zmq.Context.instance()).socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, self.identity)
@@ -156,8 +159,9 @@ class Client:
             item["idem"] = idempotency_key
         if max_attempts is not None:
             item["max_attempts"] = max_attempts
-        reply = self._request(protocol.SUBMIT, {"tasks": [item], "watch": False, "strict": strict})
+        reply = self._request(protocol.SUBMIT, {"tasks": [item], "watch": True, "strict": strict})
         (task_id,) = _reply_ids(reply, 1)
+        self._remember_watched([task_id])
         unknown, known = _unknown_names(reply)
         if unknown:
             log.warning(
@@ -202,7 +206,7 @@ class Client:
                 # strict rejection comes before anything else is stored.
                 limit = 1 if answered == 0 else window
                 while sent < len(batches) and len(in_flight) < limit:
-                    body = {"tasks": batches[sent], "watch": False, "strict": strict}
+                    body = {"tasks": batches[sent], "watch": True, "strict": strict}
                     seq = self._start(protocol.SUBMIT, body)
                     in_flight[seq] = (sent, time.monotonic() + self.timeout_s)
                     sent += 1
@@ -211,6 +215,7 @@ class Client:
                     reply = self._take(seq)
                     index, _ = in_flight.pop(seq)
                     ids[index] = _reply_ids(reply, len(batches[index]))
+                    self._remember_watched(ids[index])
                     answered += 1
                     progressed = True
                     unknown, known = _unknown_names(reply)
@@ -322,6 +327,7 @@ class Client:
         """
         pending = set(order)
         rotation = collections.deque(order)  # ids in the order the safety net asks again
+        last_progress = time.monotonic()
         deadline = None if timeout is None else time.monotonic() + timeout
         gets: dict[int, tuple[list[int], float]] = {}  # seq -> (ids asked, answer deadline)
         next_poll = time.monotonic()
@@ -342,29 +348,42 @@ class Client:
                             latest[task_id] = info
                             if info.done:
                                 finished.append(info)
+                if finished:
+                    last_progress = time.monotonic()
                 for info in finished:
                     if info.id in pending:
                         pending.discard(info.id)
+                        self._watched.discard(info.id)
                         latest[info.id] = info
                         yield info
                 if not pending:
                     return
                 now = time.monotonic()
-                if not gets and now >= next_poll:
+                stalled = now - last_progress >= self.repoll_s
+                # Past the deadline, the ids never seen are asked about at once, so a
+                # timeout reports their state instead of waiting for the safety net.
+                unseen = deadline is not None and now >= deadline and len(latest) < len(order)
+                if not gets and (unseen or (now >= next_poll and (first_round or stalled))):
                     # watch=True (re)registers the NOTIFY, also after a broker restart.
-                    # The first round asks about every id; later rounds take turns,
-                    # at most _REPOLL_IDS a round, so a wait on 100,000 tasks does not
-                    # make the broker read them all every second.
-                    budget = len(pending) if first_round else min(len(pending), _REPOLL_IDS)
+                    # The first round asks about the ids this client did not submit
+                    # itself (its own submits registered their NOTIFY already); later
+                    # rounds run only while no task finishes, and take turns, at most
+                    # _REPOLL_IDS a round, so a wait on 100,000 tasks does not make
+                    # the broker read them all every second.
+                    if unseen:
+                        asked_ids = [t for t in order if t in pending and t not in latest]
+                    elif first_round:
+                        asked_ids = [t for t in order if t in pending and t not in self._watched]
+                    else:
+                        asked_ids = []
+                        # rotation holds every pending id once (finished ones drop out
+                        # here), so this collects distinct ids.
+                        while len(asked_ids) < min(len(pending), _REPOLL_IDS):
+                            task_id = rotation.popleft()
+                            if task_id in pending:
+                                asked_ids.append(task_id)
+                                rotation.append(task_id)
                     first_round = False
-                    asked_ids: list[int] = []
-                    # rotation holds every pending id once (finished ones drop out
-                    # here), so this collects `budget` distinct ids.
-                    while len(asked_ids) < budget:
-                        task_id = rotation.popleft()
-                        if task_id in pending:
-                            asked_ids.append(task_id)
-                            rotation.append(task_id)
                     for i in range(0, len(asked_ids), _LIMITS.max_batch):
                         chunk = asked_ids[i : i + _LIMITS.max_batch]
                         seq = self._start(protocol.GET, {"ids": chunk, "watch": True})
@@ -425,6 +444,12 @@ class Client:
         )
 
     # ------------------------------------------------------------ socket
+
+    def _remember_watched(self, ids: list[int]) -> None:
+        """Ids whose NOTIFY this client asked for when it submitted them."""
+        if len(self._watched) > _MAX_WATCHED:
+            self._watched.clear()  # forgetting only costs a GET in wait()
+        self._watched.update(ids)
 
     def _send(self, frames: list[bytes]) -> None:
         if self._sock.closed:

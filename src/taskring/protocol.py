@@ -134,8 +134,24 @@ def unpack(data: bytes, *, max_bytes: int | None = None) -> Any:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise ProtocolError(E_BAD_BODY, f"body is not valid msgpack: {e}") from e
-    _reject_timestamps(value)
+    # The walk only runs when the bytes could hold a timestamp at all: a C-speed
+    # search for the headers of an extension of type -1 with 4, 8 or 12 bytes.
+    if any(marker in data for marker in _TIMESTAMP_MARKERS):
+        _reject_timestamps(value)
     return value
+
+
+# Headers of a msgpack extension of type -1 (a timestamp) of 4, 8 or 12 bytes:
+# fixext 4 and 8, and ext 8, 16 and 32 with each length.
+_TIMESTAMP_MARKERS = (
+    b"\xd6\xff",
+    b"\xd7\xff",
+    *(
+        header + n.to_bytes(size, "big") + b"\xff"
+        for n in (4, 8, 12)
+        for header, size in ((b"\xc7", 1), (b"\xc8", 2), (b"\xc9", 4))
+    ),
+)
 
 
 def _reject_timestamps(value: Any) -> None:

@@ -1000,3 +1000,14 @@ def test_heartbeat_draining_flag_decodes_and_is_type_checked():
     with pytest.raises(p.ProtocolError) as error:
         p.decode_worker_heartbeat({"draining": 1})
     assert error.value.code == p.E_BAD_BODY
+
+
+@pytest.mark.parametrize("length", [4, 8, 12])
+@pytest.mark.parametrize("header", [b"\xc7", b"\xc8\x00", b"\xc9\x00\x00\x00"])
+def test_timestamps_in_every_ext_encoding_are_refused(header, length):
+    # Given a map whose value is a timestamp in ext 8, 16 or 32 form
+    body = b"\x81\xa3seq" + header + bytes([length]) + b"\xff" + b"\x00" * length
+    # Then it is refused like any other extension type
+    with pytest.raises(p.ProtocolError) as error:
+        p.unpack(body)
+    assert error.value.code == p.E_BAD_BODY

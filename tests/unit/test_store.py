@@ -84,6 +84,7 @@ def test_request_dedup_lookup_and_idempotency_keys(store):
     task_id = store.allocate_id()
     with store.turn():
         store.insert_tasks([(task_id, "t.add", b"", None, 3, "c-1", 9, 0, "order-7")], 1.0)
-    assert store.find_request("c-1", 9) == {0: task_id}
-    assert store.find_request("c-1", 10) == {}
+        store.remember_request("c-1", 9, [task_id], 1.0)
+    assert store.find_request("c-1", 9) == [task_id]
+    assert store.find_request("c-1", 10) is None
     assert store.find_idempotency_keys(["order-7", "order-8"]) == {"order-7": task_id}

@@ -10,6 +10,7 @@ log, and nothing dispatched under a lease the log does not know.
 
 from __future__ import annotations
 
+import collections
 import logging
 import sqlite3
 import threading
@@ -63,6 +64,9 @@ class Broker:
         self.placement = Placement(self.queue, parked_limit=settings.queue_window)
         self.watchers: dict[int, set[bytes]] = {}
         self.names = self.store.known_names()
+        # Tasks by state, kept by the broker (the only writer) rather than
+        # counted in SQLite for every STATUS.
+        self.counts: collections.Counter[str] = collections.Counter(self.store.count_by_state())
         self.started = time.monotonic()
         self._outbox: list[list[bytes]] = []
         self._notices: dict[bytes, list[dict[str, Any]]] = {}
@@ -230,15 +234,18 @@ class Broker:
             )
         client = envelope.identity.hex()
         earlier = self.store.find_request(client, request.seq)
+        if earlier is not None and len(earlier) == len(request.tasks):
+            # A resend: the first copy was committed and answered (the answer was lost).
+            self._reply_submit(envelope.identity, request.seq, earlier, unknown)
+            if request.watch:
+                self._watch(envelope.identity, earlier, set(), wall)
+            return
         keys = {t.idempotency_key for t in request.tasks if t.idempotency_key is not None}
         by_key = self.store.find_idempotency_keys(keys) if keys else {}
         ids: list[int] = []
         rows = []
         jobs = []
         for index, new in enumerate(request.tasks):
-            if index in earlier:  # a resend: the first copy was committed
-                ids.append(earlier[index])
-                continue
             if new.idempotency_key in by_key:
                 ids.append(by_key[new.idempotency_key])
                 continue
@@ -267,15 +274,20 @@ class Broker:
             ids.append(task_id)
         if rows:
             self.store.insert_tasks(rows, wall)
+            self.counts[p.QUEUED] += len(rows)
             for job in jobs:
                 self.queue.add_new(job)
-        reply: dict[str, Any] = {"seq": request.seq, "ids": ids, "unknown": unknown}
-        if unknown:
-            reply["known"] = sorted(self.names)
-        self._reply(envelope.identity, reply)
+        self.store.remember_request(client, request.seq, ids, wall)
+        self._reply_submit(envelope.identity, request.seq, ids, unknown)
         if request.watch:
             fresh = {job.id for job in jobs}
             self._watch(envelope.identity, [i for i in ids if i not in fresh], fresh, wall)
+
+    def _reply_submit(self, identity: bytes, seq: int, ids: list[int], unknown: list[str]) -> None:
+        reply: dict[str, Any] = {"seq": seq, "ids": ids, "unknown": unknown}
+        if unknown:
+            reply["known"] = sorted(self.names)
+        self._reply(identity, reply)
 
     def _watch(self, identity: bytes, ids: list[int], fresh: set[int], wall: float) -> None:
         """Register for NOTIFY; tasks already final are announced right away."""
@@ -332,7 +344,7 @@ class Broker:
             "endpoint": self.endpoint,
             "orphaned_leases": len(self.orphans),
         }
-        states = self.store.count_by_state()
+        states = {state: count for state, count in self.counts.items() if count}
         self._reply(
             envelope.identity,
             {"seq": request.seq, "workers": workers, "states": states, "broker": broker},
@@ -539,11 +551,13 @@ class Broker:
         job = lease.job
         self._end_lease(lease)
         if outcome.ok:
+            self._move(p.RUNNING, p.SUCCEEDED)
             self._successes.append((job.id, job.attempt, lease.worker, outcome.value))
             self._announce(job, p.SUCCEEDED, outcome.value, None, lease.worker, wall)
         elif outcome.retry:
             self._retry(lease, outcome.error or "failed without a message", wall)
         else:  # another attempt cannot help: fail now, whatever attempts are left
+            self._move(p.RUNNING, p.FAILED)
             self.store.finish(
                 job.id, job.attempt, lease.worker, p.FAILED, None, outcome.error, wall
             )
@@ -567,9 +581,11 @@ class Broker:
         job = lease.job
         if job.attempt >= job.max_attempts:
             error = f"{reason}; gave up after {job.attempt} of {job.max_attempts} attempts"
+            self._move(p.RUNNING, p.DEAD)
             self.store.finish(job.id, job.attempt, lease.worker, p.DEAD, None, error, wall)
             self._announce(job, p.DEAD, None, error, lease.worker, wall)
         else:
+            self._move(p.RUNNING, p.QUEUED)
             self.store.requeue(job.id, job.attempt, lease.worker, reason, wall)
             self.placement.requeue(job)
 
@@ -628,7 +644,12 @@ class Broker:
         for name, leases in batches.items():
             self._send_tasks(self.workers[name], leases)
 
+    def _move(self, before: str, after: str) -> None:
+        self.counts[before] -= 1
+        self.counts[after] += 1
+
     def _grant(self, job: Job, worker: WorkerState, batches: dict[str, list[Lease]]) -> None:
+        self._move(p.QUEUED, p.RUNNING)
         job.attempt += 1
         lease = Lease(job, worker.name, dseq=0)
         self.leases[job.id] = lease

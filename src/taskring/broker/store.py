@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import msgpack
 import sqlite_utils
 
 from taskring.protocol import FINAL_STATES, QUEUED, RUNNING
@@ -48,18 +49,28 @@ def m001_tasks_and_events(db: sqlite_utils.Database) -> None:
             checkpoint_no INTEGER NOT NULL DEFAULT 0,
             result BLOB,
             error TEXT,
-            client TEXT,                    -- (client, client_seq, client_idx) dedups resends
+            client TEXT,                    -- who submitted it: request (client, seq, index)
             client_seq INTEGER,
             client_idx INTEGER,
             idempotency_key TEXT,
             created_at REAL NOT NULL,
             updated_at REAL NOT NULL
         );
-        CREATE UNIQUE INDEX tasks_client_request ON tasks (client, client_seq, client_idx)
-            WHERE client IS NOT NULL;
         CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)
             WHERE idempotency_key IS NOT NULL;
-        CREATE INDEX tasks_state ON tasks (state, id);
+        -- Only the states the broker reads back are indexed: a task's last
+        -- transition removes it from both, and the indexes stay small and hot.
+        CREATE INDEX tasks_queued ON tasks (id) WHERE state = 'queued';
+        CREATE INDEX tasks_running ON tasks (id) WHERE state = 'running';
+        -- One row per SUBMIT message, not per task: a resend of (client, seq)
+        -- gets the same ids back, at the cost of one small row per batch.
+        CREATE TABLE requests (
+            client TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            ids BLOB NOT NULL,              -- msgpack array of the task ids answered
+            at REAL NOT NULL,
+            PRIMARY KEY (client, seq)
+        ) WITHOUT ROWID;
         CREATE TABLE events (
             id INTEGER PRIMARY KEY,
             task_id INTEGER NOT NULL,
@@ -149,13 +160,18 @@ class Store:
 
     # ------------------------------------------------------------ writes
 
-    def find_request(self, client: str, seq: int) -> dict[int, int]:
-        """Tasks created by an earlier copy of this (client, seq) request: index -> id."""
-        rows = self.conn.execute(
-            "SELECT client_idx, id FROM tasks WHERE client = ? AND client_seq = ?",
-            (client, seq),
-        ).fetchall()
-        return dict(rows)
+    def find_request(self, client: str, seq: int) -> list[int] | None:
+        """The ids answered to an earlier copy of this (client, seq) request."""
+        row = self.conn.execute(
+            "SELECT ids FROM requests WHERE client = ? AND seq = ?", (client, seq)
+        ).fetchone()
+        return None if row is None else list(msgpack.unpackb(row[0]))
+
+    def remember_request(self, client: str, seq: int, ids: Sequence[int], now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO requests (client, seq, ids, at) VALUES (?, ?, ?, ?)",
+            (client, seq, msgpack.packb(list(ids)), now),
+        )
 
     def find_idempotency_keys(self, keys: Iterable[str]) -> dict[str, int]:
         found = {}
