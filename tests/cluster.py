@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from taskring.client import Client
+from taskring.security import CurveClientConfig
 
 SUPPORT = Path(__file__).parent / "support"
 SRC = Path(__file__).parent.parent / "src"
@@ -38,6 +39,7 @@ class Cluster:
 
     def __init__(self, root: Path, heartbeat_s: float = 0.2, liveness: int = 3) -> None:
         self.root = root
+        self.curve: CurveClientConfig | None = None  # the keys client() connects with
         self.endpoint = f"ipc://{root}/broker.ipc"
         if len(self.endpoint) > 100:  # ipc paths are limited to about 107 bytes
             raise RuntimeError(f"temporary path too long for an ipc endpoint: {root}")
@@ -74,7 +76,7 @@ class Cluster:
         return self._spawn(list(args), Path(script).stem, python_args=(str(SUPPORT / script),))
 
     def client(self, timeout_s: float = 10.0) -> Client:
-        return Client(self.endpoint, timeout_s=timeout_s)
+        return Client(self.endpoint, timeout_s=timeout_s, curve=self.curve)
 
     def status(self, timeout_s: float = 2.0) -> dict | None:  # type: ignore[type-arg]
         try:

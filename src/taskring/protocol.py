@@ -77,6 +77,7 @@ E_TOO_LARGE = "too-large"
 E_NOT_FOUND = "not-found"
 E_UNKNOWN_WORKER = "unknown-worker"
 E_UNKNOWN_TASK = "unknown-task"
+E_FORBIDDEN = "forbidden"
 E_INTERNAL = "internal"
 
 

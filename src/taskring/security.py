@@ -106,12 +106,14 @@ class CurveClientConfig:
     server_public_file: str
     secret_file: str
 
+    def keys(self) -> tuple[bytes, bytes, bytes]:
+        """(server public, own public, own secret); SecurityConfigError if unusable."""
+        public, secret = load_keypair(self.secret_file)
+        return load_public_key(self.server_public_file), public, secret
+
     def apply(self, socket: zmq.Socket[Any]) -> None:
         """Set before connect: the keys are read when the connection starts."""
-        public, secret = load_keypair(self.secret_file)
-        socket.curve_serverkey = load_public_key(self.server_public_file)
-        socket.curve_publickey = public
-        socket.curve_secretkey = secret
+        socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = self.keys()
 
 
 class CurveServer:
@@ -127,9 +129,13 @@ class CurveServer:
 
     def reload(self) -> int:
         """Read the allow folder again (a removed file revokes that key); returns the count."""
+        return len(self.allowed())
+
+    def allowed(self) -> frozenset[str]:
+        """Reload the allow folder into the authenticator; the allowed keys, Z85 text."""
         keys = allowed_keys(self.config.allow_dir)
         self._auth.configure_curve(domain=ZAP_DOMAIN, location=self.config.allow_dir)
-        return len(keys)
+        return frozenset(key.decode("ascii") for key in keys)
 
     def apply(self, socket: zmq.Socket[Any]) -> None:
         """Set before bind."""

@@ -27,6 +27,7 @@ from taskring.broker.placement import Placement
 from taskring.broker.registry import WorkerState
 from taskring.broker.settings import BrokerSettings
 from taskring.broker.store import Store, wall_clock
+from taskring.security import CurveServer, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,23 @@ class Broker:
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        self.socket.bind(settings.endpoint)
+        self.curve: CurveServer | None = None
+        self._allowed: frozenset[str] = frozenset()
+        if settings.curve is not None:
+            self.curve = CurveServer(self.context, settings.curve)
+            self.curve.apply(self.socket)
+            self._allowed = self.curve.allowed()
+        elif not is_loopback(settings.endpoint):
+            log.warning(
+                "serving %s without CURVE: anyone who reaches it can submit tasks and speak "
+                "for a worker; see SECURITY.md (--curve-secret, --allow-keys)",
+                settings.endpoint,
+            )
+        try:
+            self.socket.bind(settings.endpoint)
+        except zmq.ZMQError:
+            self._close_sockets()
+            raise
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
@@ -73,6 +90,10 @@ class Broker:
         self._new_leases: list[tuple[int, int, str]] = []
         self._successes: list[tuple[int, int, str, bytes | None]] = []
         self._complaints: dict[bytes, float] = {}  # identity -> last log line about it
+        self.rejected: collections.Counter[str] = collections.Counter()  # by error code
+        self._worker_keys: dict[str, str] = {}  # worker name -> the key that registered it
+        self._peer_key: str | None = None  # CURVE key of the message being handled
+        self._reload = False
         self._disconnects: dict[bytes, float] = {}  # identity -> last DISCONNECT sent
         self._stop = threading.Event()
         self._handlers: dict[tuple[bytes, bytes], Handler] = {
@@ -112,10 +133,19 @@ class Broker:
         while not self._stop.is_set():
             self.poll_once()
 
-    def close(self) -> None:
+    def reload_keys(self) -> None:
+        """Read the allow folder again at the next turn (safe to call from a signal handler)."""
+        self._reload = True
+
+    def _close_sockets(self) -> None:
         self.socket.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()  # its ZAP socket would keep the context from terminating
         if self._own_context:
             self.context.term()
+
+    def close(self) -> None:
+        self._close_sockets()
         self.store.close()
 
     # ------------------------------------------------------------ the loop
@@ -124,25 +154,42 @@ class Broker:
         """One turn: read, apply in one transaction, commit, then send. Returns messages read."""
         if timeout_s is None:
             timeout_s = self._until_next_timer(time.monotonic() if now is None else now)
+        if self._reload and self.curve is not None:
+            self._reload = False
+            self._allowed = self.curve.allowed()
+            log.info("allowed keys reloaded: %d", len(self._allowed))
         ready = self.poller.poll(max(0, int(timeout_s * 1000)))
-        messages: list[list[bytes]] = []
+        messages: list[tuple[list[bytes], str | None]] = []
         if ready:
-            recv, flags = self.socket.recv_multipart, zmq.NOBLOCK
             for _ in range(self.settings.max_messages_per_turn):
                 try:
-                    messages.append(recv(flags))
+                    messages.append(self._recv())
                 except zmq.Again:
                     break
         now = time.monotonic() if now is None else now
         wall = wall_clock()
         with self.store.turn():
-            for parts in messages:
+            for parts, key in messages:
+                if self.curve is not None and key not in self._allowed:
+                    # Revoked since it connected: libzmq only checks keys at the handshake.
+                    if self._may_complain(parts[0], now):
+                        log.warning("dropped a message from revoked key %s", key)
+                    continue
+                self._peer_key = key
                 self._handle(parts, now, wall)
             self._expire(now, wall)
             self._dispatch()
             self._flush_writes(wall)
         self._send_all(now)
         return len(messages)
+
+    def _recv(self) -> tuple[list[bytes], str | None]:
+        """One message, and with CURVE the sender's public key (Z85) from ZAP's User-Id."""
+        if self.curve is None:
+            return self.socket.recv_multipart(zmq.NOBLOCK), None
+        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        key = frames[-1].get("User-Id")
+        return [f.bytes for f in frames], key if isinstance(key, str) else None
 
     def _until_next_timer(self, now: float) -> float:
         hb = self.settings.heartbeat_s
@@ -164,7 +211,14 @@ class Broker:
             self._reject(identity, reply_protocol, None, e, now)
             return
         if envelope.protocol == p.PROTOCOL_WORKER:
-            worker = self.workers.get(_name(identity))
+            name = _name(identity)
+            if self.curve is not None and not self._may_speak_for(name, envelope.command):
+                error = p.ProtocolError(
+                    p.E_FORBIDDEN, f"worker name {name!r} belongs to another key"
+                )
+                self._reject(identity, envelope.protocol, _seq(envelope), error, now)
+                return
+            worker = self.workers.get(name)
             if worker is not None:
                 worker.last_heard = now
         try:
@@ -184,11 +238,22 @@ class Broker:
     def _reject(
         self, identity: bytes, protocol: bytes, seq: int | None, error: p.ProtocolError, now: float
     ) -> None:
+        self.rejected[error.code] += 1
         if self._may_complain(identity, now):
             log.warning("rejected message from %r: %s (%s)", identity[:32], error, error.code)
         self._outbox.append(
             [identity, protocol, p.ERROR, p.pack(p.error_body(seq, error.code, error.message))]
         )
+
+    def _may_speak_for(self, name: str, command: bytes) -> bool:
+        """With CURVE, a worker name belongs to the first key that registers it."""
+        if self._peer_key is None:
+            return False
+        owner = self._worker_keys.get(name)
+        if owner is None and command == p.READY:
+            self._worker_keys[name] = self._peer_key
+            return True
+        return owner == self._peer_key
 
     def _may_complain(self, identity: bytes, now: float) -> bool:
         """One log line per peer per interval: a flood must not fill the disk."""
@@ -233,6 +298,8 @@ class Broker:
                 f"{', '.join(sorted(self.names)) or 'none yet'}",
             )
         client = envelope.identity.hex()
+        if self._peer_key is not None:  # who submitted it: the key, then the connection
+            client = f"{self._peer_key}/{client}"
         earlier = self.store.find_request(client, request.seq)
         if earlier is not None and len(earlier) == len(request.tasks):
             # A resend: the first copy was committed and answered (the answer was lost).
@@ -343,6 +410,8 @@ class Broker:
             "db": self.store.path,
             "endpoint": self.endpoint,
             "orphaned_leases": len(self.orphans),
+            "rejected": dict(self.rejected),
+            "curve": self.curve is not None,
         }
         states = {state: count for state, count in self.counts.items() if count}
         self._reply(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from taskring.protocol import DEFAULT_LIMITS, Limits
+from taskring.security import CurveServerConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -18,6 +19,7 @@ class BrokerSettings:
     queue_window: int = 10_000  # queued tasks kept in memory; the rest wait in SQLite
     max_messages_per_turn: int = 2_000  # bounds a turn's latency under a flood
     default_max_attempts: int = 3
+    curve: CurveServerConfig | None = None  # encrypt, and admit only allowed keys
 
     @property
     def expiry_s(self) -> float:

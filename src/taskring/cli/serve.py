@@ -6,6 +6,7 @@ pays for (or depends on) the broker's storage or the worker's pools.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import sqlite3
 from pathlib import Path
@@ -19,11 +20,14 @@ from taskring.cli.common import (
     ExitCode,
     LogLevel,
     LogLevelOption,
+    Session,
     fail,
     setup_logging,
 )
 from taskring.client import DEFAULT_ENDPOINT
 from taskring.errors import TaskringError
+from taskring.protocol import DEFAULT_LIMITS
+from taskring.security import CurveClientConfig, CurveServerConfig
 
 
 class Synchronous(enum.StrEnum):
@@ -51,12 +55,44 @@ def broker(
         Synchronous,
         typer.Option(help="SQLite synchronous mode: full survives power loss, normal is faster."),
     ] = Synchronous.full,
+    curve_secret: Annotated[
+        Path | None,
+        typer.Option(help="The broker's secret key file: require CURVE (with --allow-keys)."),
+    ] = None,
+    allow_keys: Annotated[
+        Path | None,
+        typer.Option(help="Folder of allowed public keys (*.key); SIGHUP rereads it."),
+    ] = None,
+    max_message_bytes: Annotated[
+        int, typer.Option(min=1024, help="Largest message, all frames together.")
+    ] = DEFAULT_LIMITS.max_message_bytes,
+    max_payload_bytes: Annotated[
+        int, typer.Option(min=16, help="Largest packed arguments of one task.")
+    ] = DEFAULT_LIMITS.max_payload_bytes,
+    max_result_bytes: Annotated[
+        int, typer.Option(min=16, help="Largest packed result of one task.")
+    ] = DEFAULT_LIMITS.max_result_bytes,
+    max_checkpoint_bytes: Annotated[
+        int, typer.Option(min=16, help="Largest packed checkpoint state.")
+    ] = DEFAULT_LIMITS.max_checkpoint_bytes,
     log_level: LogLevelOption = LogLevel.info,
 ) -> None:
     """Run the broker: the task log and the hash ring, until SIGTERM or Ctrl-C."""
     setup_logging(log_level)
     from taskring.broker import BrokerSettings, run_broker
 
+    if (curve_secret is None) != (allow_keys is None):
+        fail("--curve-secret and --allow-keys go together")
+    curve = None
+    if curve_secret is not None and allow_keys is not None:
+        curve = CurveServerConfig(str(curve_secret), str(allow_keys))
+    limits = dataclasses.replace(
+        DEFAULT_LIMITS,
+        max_message_bytes=max_message_bytes,
+        max_payload_bytes=max_payload_bytes,
+        max_result_bytes=max_result_bytes,
+        max_checkpoint_bytes=max_checkpoint_bytes,
+    )
     try:
         run_broker(
             BrokerSettings(
@@ -65,6 +101,8 @@ def broker(
                 heartbeat_s=heartbeat,
                 liveness=liveness,
                 synchronous=synchronous.value,
+                limits=limits,
+                curve=curve,
             )
         )
     except zmq.ZMQError as e:
@@ -95,6 +133,17 @@ def worker(
         Path | None,
         typer.Option(help="Append every result and checkpoint the broker ACKs to this file."),
     ] = None,
+    server_key: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TASKRING_SERVER_KEY",
+            help="The broker's public key file: connect with CURVE (with --curve-secret).",
+        ),
+    ] = None,
+    curve_secret: Annotated[
+        Path | None,
+        typer.Option(envvar="TASKRING_CURVE_SECRET", help="This worker's secret key file."),
+    ] = None,
     log_level: LogLevelOption = LogLevel.info,
 ) -> None:
     """Run a worker for the tasks in MODULES, until SIGTERM or Ctrl-C."""
@@ -110,6 +159,7 @@ def worker(
                 pool=pool.value,
                 name=name,
                 journal=str(journal) if journal else None,
+                curve=_client_curve(server_key, curve_secret),
             )
         )
     except zmq.ZMQError as e:
@@ -118,3 +168,13 @@ def worker(
         fail(str(e))
     except KeyboardInterrupt:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
+
+
+def _client_curve(server_key: Path | None, curve_secret: Path | None) -> CurveClientConfig | None:
+    """The worker's own options, else the ones given before the command name."""
+    if (server_key is None) != (curve_secret is None):
+        fail("--server-key and --curve-secret go together")
+    if server_key is not None and curve_secret is not None:
+        CurveClientConfig(str(server_key), str(curve_secret)).keys()  # fail now, in one line
+        return CurveClientConfig(str(server_key), str(curve_secret))
+    return Session.curve

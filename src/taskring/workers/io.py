@@ -211,6 +211,8 @@ class IOLoop:
         s = self.settings
         sock: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.name.encode())  # same identity on every reconnect
+        if s.curve is not None:
+            s.curve.apply(sock)  # keys are read when the connection starts: before connect
         sock.setsockopt(zmq.LINGER, 0)
         # libzmq's own reconnect and heartbeat bring the TCP link back within a
         # second after a network cut heals; its defaults took 25 s.

@@ -7,6 +7,7 @@ import os
 import socket
 from typing import Literal
 
+from taskring.security import CurveClientConfig
 from taskring.workers.errors import WorkerConfigError
 
 
@@ -31,6 +32,7 @@ class WorkerSettings:
     flush_timeout_s: float = 5.0  # then how long to wait for the broker to ACK results
     start_method: Literal["spawn", "forkserver"] = "spawn"  # process pool only
     journal: str | None = None  # append what the broker ACKed here (for taskring verify)
+    curve: CurveClientConfig | None = None  # the broker's public key and this worker's keys
 
     def __post_init__(self) -> None:
         if self.pool not in ("thread", "process"):
