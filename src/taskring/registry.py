@@ -22,6 +22,7 @@ class TaskSpec:
     fn: Callable[..., Any]
     wants_context: bool  # first parameter is named `ctx`: pass it a TaskContext
     max_attempts: int
+    signature: inspect.Signature  # to refuse arguments that do not fit, before calling
 
 
 _registry: dict[str, TaskSpec] = {}
@@ -58,7 +59,9 @@ def task(
         existing = _registry.get(task_name)
         if existing is not None and existing.fn is not func:
             raise ValueError(f"task {task_name!r} is registered twice")
-        _registry[task_name] = TaskSpec(task_name, func, _wants_context(func), max_attempts)
+        _registry[task_name] = TaskSpec(
+            task_name, func, _wants_context(func), max_attempts, inspect.signature(func)
+        )
         func.task_name = task_name  # type: ignore[attr-defined]
         return func
 

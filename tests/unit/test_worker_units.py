@@ -51,11 +51,6 @@ def test_an_exception_is_retried_with_type_message_and_traceback_tail() -> None:
     assert "worker_tasks.py" in "\n".join(rest) and "raise ValueError(message)" in outcome.error
 
 
-def test_a_wrong_call_is_reported_like_any_exception() -> None:
-    outcome = run("wt.add", 1)
-    assert outcome.retry is True and outcome.error.startswith("TypeError: ")
-
-
 def test_an_unpackable_return_value_is_not_retried() -> None:
     outcome = run("wt.unpackable")
     assert outcome.ok is False and outcome.retry is False
@@ -131,3 +126,12 @@ def test_the_inbox_wakes_a_poller_and_refuses_puts_after_close() -> None:
     assert inbox.close() == ["c"]
     assert inbox.put("d") is False
     inbox.wake()  # harmless after close
+
+
+def test_arguments_that_do_not_fit_fail_at_once_without_retry() -> None:
+    # Given a two-argument task sent one argument
+    a = Assignment(1, 1, "wt.add", protocol.pack([[1], {}]), None, 0)
+    outcome = run_assignment(a, registered(), lambda *_: True)
+    # Then it fails, naming the signature, and another attempt is not asked for
+    assert not outcome.ok and outcome.retry is False
+    assert "wt.add(a, b)" in (outcome.error or "") and "'b'" in (outcome.error or "")

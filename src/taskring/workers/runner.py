@@ -75,6 +75,14 @@ def run_assignment(
         return failure(a, f"cannot decode task {a.name!r}: {e}", retry=False, limits=limits)
 
     try:
+        # Arguments that do not fit the function fail the same way on every
+        # attempt: say so once, without retries (a TypeError raised inside the
+        # task is still retried like any other exception).
+        spec.signature.bind(*((None,) if spec.wants_context else ()), *args, **kwargs)
+    except TypeError as e:
+        error = f"arguments do not fit {a.name}({', '.join(spec.signature.parameters)}): {e}"
+        return failure(a, error, retry=False, limits=limits)
+    try:
         if spec.wants_context:
             ctx = TaskContext(a.id, a.attempt, state, a.number, checkpoint, limits=limits)
             value = spec.fn(ctx, *args, **kwargs)
