@@ -470,3 +470,21 @@ def test_a_draining_worker_gets_no_new_tasks_and_leaves_the_ring(broker, ctx):
     assert sorted(t["id"] for t in got) == ids
     assert [m for m in w1.drain(broker, 0.0) if m[0] == p.TASK] == []
     assert "w1" not in broker.placement.ring
+
+
+def test_rejections_are_counted_and_logged_once_per_peer_per_interval(broker, ctx, caplog):
+    caplog.set_level("WARNING", logger="taskring.broker.server")
+    bad = client(ctx, broker, b"c-flood")
+    oversize = {"seq": 1, "tasks": [task(payload=b"x" * (p.DEFAULT_LIMITS.max_payload_bytes + 1))]}
+    for _ in range(5):
+        bad.send(p.SUBMIT, oversize)
+    errors = [m for m in bad.drain(broker, 0.0) if m[0] == p.ERROR]
+    # Every violation is answered with an error naming the limit, and counted...
+    assert len(errors) == 5
+    assert all("max_payload_bytes" in body["message"] for _, body in errors)
+    assert broker.rejected[p.E_TOO_LARGE] == 5
+    # ...but logged once for this peer in this interval
+    assert len([r for r in caplog.records if "c-flood" in r.getMessage()]) == 1
+    c = client(ctx, broker)
+    c.request(p.STATUS, {})
+    assert c.expect(broker, 0.0, p.REPLY)["broker"]["rejected"] == {p.E_TOO_LARGE: 5}

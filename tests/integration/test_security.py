@@ -68,6 +68,15 @@ def test_allowed_client_and_worker_work_end_to_end(cluster: Cluster, keys: Path)
         assert handle.result(timeout=20) == 5
         info = client.status(handle.id)
     assert info.worker == "w1"
+    # And any other allowed client may read it (the documented policy: keys separate the
+    # trusted from the untrusted, not one client from another)
+    generate_keypair(keys / "keys", "other")
+    (keys / "allow/other.key").write_bytes((keys / "keys/other.key").read_bytes())
+    assert cluster.broker is not None
+    cluster.signal(cluster.broker, signal.SIGHUP)
+    wait_for(lambda: "allowed keys reloaded" in cluster.logs(), 10, "the broker to reload keys")
+    with Client(cluster.endpoint, timeout_s=5, curve=curve_for(keys, "other")) as other:
+        assert other.result(handle.id, timeout=5) == 5
     app_key = (keys / "keys/app.key").read_text().split('public-key = "')[1][:40]
     rows = _query(cluster, "SELECT client FROM tasks WHERE id = ?", handle.id)
     assert rows[0][0].startswith(app_key + "/")
