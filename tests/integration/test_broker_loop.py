@@ -488,3 +488,11 @@ def test_rejections_are_counted_and_logged_once_per_peer_per_interval(broker, ct
     c = client(ctx, broker)
     c.request(p.STATUS, {})
     assert c.expect(broker, 0.0, p.REPLY)["broker"]["rejected"] == {p.E_TOO_LARGE: 5}
+
+
+def test_watches_are_bounded(broker, ctx, monkeypatch):
+    monkeypatch.setattr("taskring.broker.server.MAX_WATCHED_TASKS", 2)
+    c = client(ctx, broker)
+    c.request(p.SUBMIT, {"tasks": [task() for _ in range(3)], "watch": True})
+    ids = c.expect(broker, 0.0, p.REPLY)["ids"]
+    assert sorted(broker.watchers) == ids[:2]

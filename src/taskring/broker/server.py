@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[p.Envelope, float, float], None]
 
-COMPLAINT_INTERVAL_S = 10.0  # one log line per misbehaving peer per interval
+COMPLAINT_INTERVAL_S = 10.0
+# Tasks with a NOTIFY watch at once: a million queued and watched tasks would
+# otherwise cost the broker hundreds of MB (bench/deep_queue.py).
+MAX_WATCHED_TASKS = 100_000  # one log line per misbehaving peer per interval
 
 
 class Broker:
@@ -350,6 +353,15 @@ class Broker:
             fresh = {job.id for job in jobs}
             self._watch(envelope.identity, [i for i in ids if i not in fresh], fresh, wall)
 
+    def _add_watcher(self, task_id: int, identity: bytes) -> None:
+        """Remember who wants a NOTIFY, within a bound: a watch costs memory per task, and
+        NOTIFY is only a hint (clients poll with GET when no task finishes for a while)."""
+        watchers = self.watchers.get(task_id)
+        if watchers is not None:
+            watchers.add(identity)
+        elif len(self.watchers) < MAX_WATCHED_TASKS:
+            self.watchers[task_id] = {identity}
+
     def _reply_submit(self, identity: bytes, seq: int, ids: list[int], unknown: list[str]) -> None:
         reply: dict[str, Any] = {"seq": seq, "ids": ids, "unknown": unknown}
         if unknown:
@@ -359,7 +371,7 @@ class Broker:
     def _watch(self, identity: bytes, ids: list[int], fresh: set[int], wall: float) -> None:
         """Register for NOTIFY; tasks already final are announced right away."""
         for task_id in fresh:
-            self.watchers.setdefault(task_id, set()).add(identity)
+            self._add_watcher(task_id, identity)
         if not ids:
             return
         self._flush_writes(wall)
@@ -371,7 +383,7 @@ class Broker:
             if row["state"] in p.FINAL_STATES:
                 self._notices.setdefault(identity, []).append(p.task_view(row))
             else:
-                self.watchers.setdefault(task_id, set()).add(identity)
+                self._add_watcher(task_id, identity)
 
     def _on_get(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_get(envelope.body, self.limits)
@@ -384,7 +396,7 @@ class Broker:
         if request.watch:
             for view in tasks:
                 if view is not None and view["state"] not in p.FINAL_STATES:
-                    self.watchers.setdefault(view["id"], set()).add(envelope.identity)
+                    self._add_watcher(view["id"], envelope.identity)
 
     def _on_status(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_status(envelope.body, self.limits)
