@@ -42,12 +42,20 @@ from cluster import Cluster, wait_for
 from support import fuzzwire as fw
 from taskring import protocol as p
 from taskring.broker import Broker, BrokerSettings
+from taskring.broker.placement import MAX_RING_WEIGHT
+from taskring.broker.server import COMPLAINT_INTERVAL_S
 from taskring.client import Client
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [
+    pytest.mark.timeout(180),
+    # A failing batch is printed whole, however long: it is the input to replay.
+    pytest.mark.filterwarnings(
+        "ignore:Generating overly large repr:hypothesis.errors.HypothesisWarning"
+    ),
+]
 
 REAL_WORKER = "good-worker"
-EXAMPLES = 500
+EXAMPLES = 200
 HEARTBEAT_S = 0.5
 LIVENESS = 4
 # DEALER identities of the fuzz: imposters of other workers and of clients. Never
@@ -63,7 +71,7 @@ POOL = (
     b"c-fuzz",
     b"y" * 255,
 )
-CRUNCH_N, CRUNCH_EVERY = 1_000_000, 100_000
+CRUNCH_N, CRUNCH_EVERY = 3_000_000, 300_000
 LOG_LIMIT_BYTES = 2 * 1024 * 1024
 # Kinds of event that change a task's state or checkpoint.
 CHANGES = ("leased", "adopted", "checkpointed", "succeeded", "failed", "retried", "dead")
@@ -86,6 +94,7 @@ class GoodClient(threading.Thread):
         self.ids: list[int] = []
         self.expected: dict[int, Any] = {}
         self.crunch: list[int] = []
+        self.running: list[tuple[int, int]] = []  # (id, attempt) leased to the real worker
         self.identity = b""
         self.error: BaseException | None = None
 
@@ -112,9 +121,16 @@ class GoodClient(threading.Thread):
         except BaseException as e:  # reported by the test, not lost in a thread
             self.error = e
 
-    def pick(self, ref: fw.TaskRef) -> int:
+    def pick(self, ref: fw.TaskRef | fw.HeldAttempt) -> int:
+        """A task id or attempt for a placeholder in a fuzz message."""
         with self.lock:
-            ids = {"recent": self.ids[-32:], "long": self.crunch[-4:]}.get(ref.among, self.ids)
+            running = self.running
+            if isinstance(ref, fw.HeldAttempt):
+                held = running[ref.index % len(running)][1] if running else 1
+                return max(0, held + ref.delta)
+            if ref.among == "running" and running:
+                return running[ref.index % len(running)][0]
+            ids = {"recent": self.ids[-32:], "long": self.crunch[-2:]}.get(ref.among, self.ids)
             return ids[ref.index % len(ids)] if ids else ref.index + 1
 
 
@@ -196,6 +212,7 @@ class Fuzzer:
         self.ledger = Ledger()
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.pool = [self._dealer(identity) for identity in POOL]
+        self.spy_socket = self._dealer(b"fuzz-spy")
         self.probe_seq = 0
 
     def _dealer(self, identity: bytes) -> zmq.Socket[Any]:
@@ -232,7 +249,7 @@ class Fuzzer:
                         sock.send_multipart(frames, flags=zmq.NOBLOCK)
                     except zmq.Again:
                         self.ledger.dropped += 1
-            return all(self.answers_status(sock) for sock in used.values())
+            return self.answers_status(*used.values())
         finally:
             for sock in fresh.values():
                 sock.close(linger=0)
@@ -271,6 +288,21 @@ class Fuzzer:
                 received += chunk
         return probe in received
 
+    def spy(self) -> None:
+        """Ask which tasks run now, and under which attempt: the fencing tokens to forge."""
+        self.probe_seq += 1
+        seq = 2**62 + self.probe_seq
+        body = {"seq": seq, "state": p.RUNNING, "limit": 100}
+        self.spy_socket.send_multipart(p.frames(p.PROTOCOL_CLIENT, p.TASKS, body))
+        while self.spy_socket.poll(10_000):
+            command, reply = p.decode_reply(self.spy_socket.recv_multipart(), p.PROTOCOL_CLIENT)
+            if command == p.REPLY and reply.get("seq") == seq:
+                running = [(t["id"], t["attempt"]) for t in reply["tasks"]]
+                with self.good.lock:
+                    self.good.running = running
+                return
+        raise AssertionError("the broker did not answer TASKS")
+
     def extremes(self) -> None:
         """The few inputs too big to generate often: sent once, before the random ones."""
         sock = self.pool[0]
@@ -289,16 +321,22 @@ class Fuzzer:
         self.ledger.messages += 3
         self.ledger.forged[p.RESULT] += len(results)
 
-    def answers_status(self, sock: zmq.Socket[Any], timeout_s: float = 10.0) -> bool:
-        """True once the broker answers a STATUS sent on `sock`, False after `timeout_s`."""
-        self.probe_seq += 1
-        seq = 2**62 + self.probe_seq  # above the seqs the fuzz reuses
-        sock.send_multipart(p.frames(p.PROTOCOL_CLIENT, p.STATUS, {"seq": seq}))
+    def answers_status(self, *socks: zmq.Socket[Any], timeout_s: float = 10.0) -> bool:
+        """True once the broker answers a STATUS sent on each socket, False after `timeout_s`."""
+        waiting = {}
+        for sock in socks:
+            self.probe_seq += 1
+            seq = 2**62 + self.probe_seq  # above the seqs the fuzz reuses
+            sock.send_multipart(p.frames(p.PROTOCOL_CLIENT, p.STATUS, {"seq": seq}))
+            waiting[seq] = sock
         deadline = time.monotonic() + timeout_s
-        while sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            if self._read(sock) == seq:
-                return True
-        return False
+        for seq, sock in waiting.items():
+            while sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                if self._read(sock) == seq:
+                    break
+            else:
+                return False
+        return True
 
     def drain(self) -> None:
         """Read what the broker sent the pool since the last batch."""
@@ -321,7 +359,7 @@ class Fuzzer:
         return None
 
     def close(self) -> None:
-        for sock in self.pool:
+        for sock in [*self.pool, self.spy_socket]:
             sock.close(linger=0)
         self.ctx.destroy(linger=0)
 
@@ -338,8 +376,10 @@ def test_hostile_wire_input_changes_nothing_and_good_peers_finish(cluster: Clust
     good.start()
     wait_for(lambda: good.ids or good.error, 10, "the good client's first tasks")
     fuzzer = Fuzzer(port, good)
-    avoid = frozenset({REAL_WORKER.encode(), good.identity, *POOL})
+    avoid = frozenset({REAL_WORKER.encode(), good.identity, *POOL, b"fuzz-spy"})
     started = time.monotonic()
+
+    failures: list[str] = []
 
     # When hypothesis sends its batches of hostile messages and raw connections
     @settings(
@@ -350,19 +390,25 @@ def test_hostile_wire_input_changes_nothing_and_good_peers_finish(cluster: Clust
         suppress_health_check=list(HealthCheck),
     )
     @given(
-        messages=st.lists(fw.messages(len(POOL), avoid), min_size=10, max_size=60),
+        messages=fw.batches(len(POOL), avoid),
         raws=st.lists(fw.raw_conns(), max_size=3),
     )
     def fuzz(messages: list[fw.Msg], raws: list[fw.RawConn]) -> None:
-        assert broker.poll() is None, "the broker died after an earlier batch"
-        fuzzer.drain()
-        answered = fuzzer.send(messages)
-        assert answered and broker.poll() is None, "the broker died or hangs"
-        for conn in raws:
-            answered = fuzzer.raw(conn)
-            assert answered or conn.identity is None, "the broker died or hangs"
+        # Hypothesis runs a failing example again to print it: fail the same way.
+        assert not failures, failures[0]
+        try:
+            fuzzer.drain()
+            fuzzer.spy()
+            assert fuzzer.send(messages), "the broker stopped answering"
+            for conn in raws:
+                answered = fuzzer.raw(conn)
+                assert answered or conn.identity is None, "the broker stopped answering"
             assert broker.poll() is None, "the broker died"
-        assert good.error is None, f"the good client failed: {good.error!r}"
+            assert good.error is None, f"the good client failed: {good.error!r}"
+        except AssertionError as e:
+            code = broker.poll()
+            failures.append(f"{e} (broker exit code {code}; its log is printed below)")
+            raise
 
     try:
         fuzzer.extremes()
@@ -401,6 +447,14 @@ def test_hostile_wire_input_changes_nothing_and_good_peers_finish(cluster: Clust
         ).fetchall()
         assert not by_other, f"changes by other workers: {by_other[:10]}"
         kinds = dict(db.execute("SELECT kind, count(*) FROM events GROUP BY kind").fetchall())
+        # forged messages that named the very attempt the real worker held at the time
+        against_lease = db.execute(
+            "SELECT count(*) FROM events WHERE kind = 'stale' AND detail LIKE"
+            " '% of attempt ' || attempt || ' refused; task is running, attempt '"
+            " || attempt || ' held by ' || ?",
+            (REAL_WORKER,),
+        ).fetchone()[0]
+        assert against_lease > 0, "no forged message named a live lease: the fuzz missed its aim"
         stale_by = dict(
             db.execute(
                 "SELECT worker, count(*) FROM events WHERE kind = 'stale' GROUP BY worker"
@@ -439,6 +493,10 @@ def test_hostile_wire_input_changes_nothing_and_good_peers_finish(cluster: Clust
     text = log.read_text(errors="replace")
     assert log.stat().st_size < LOG_LIMIT_BYTES, f"broker log is {log.stat().st_size} bytes"
     assert "internal error" not in text and "Traceback" not in text, text[-3000:]
+    complaints_s = time.monotonic() - started
+    for identity in POOL:
+        lines = text.count(f"rejected message from {identity[:32]!r}:")
+        assert lines <= complaints_s / COMPLAINT_INTERVAL_S + 2, (identity, lines, complaints_s)
     assert not any(a.endswith(":internal") for a in ledger.answers), ledger.answers
 
     print(
@@ -448,7 +506,9 @@ def test_hostile_wire_input_changes_nothing_and_good_peers_finish(cluster: Clust
         f" forged outcomes/checkpoints naming good tasks: {dict(ledger.forged)}"
         f"\ngood tasks: {len(good.expected)} ({len(good.crunch)} crunch);"
         f" fuzz-created tasks: {sum(c for *_, c in created)}; events: {kinds};"
-        f" stale by: {stale_by}\nanswers to the pool: {dict(ledger.answers)};"
+        f" stale events from {len(stale_by)} identities, {against_lease} of them naming"
+        f" the attempt the real worker held"
+        f"\nanswers to the pool: {dict(ledger.answers)};"
         f" broker log {log.stat().st_size} bytes"
     )
 
@@ -460,19 +520,25 @@ def test_hostile_wire_input_changes_nothing_and_good_peers_finish(cluster: Clust
 def stepped(tmp_path: Path) -> Iterator[tuple[Broker, zmq.Context[Any]]]:
     """A broker in this process, stepped by hand, and a context for raw DEALER peers."""
     ctx: zmq.Context[Any] = zmq.Context()
-    settings = BrokerSettings(
+    config = BrokerSettings(
         endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "tasks.db"), synchronous="normal"
     )
-    broker = Broker(settings, context=ctx)
+    broker = Broker(config, context=ctx)
     try:
         yield broker, ctx
     finally:
+        while STEPPED_PEERS:
+            STEPPED_PEERS.pop().close(linger=0)
         broker.close()
         ctx.destroy(linger=0)
 
 
+STEPPED_PEERS: list[zmq.Socket[Any]] = []  # closed by `stepped`, before a GC warns
+
+
 def dealer(ctx: zmq.Context[Any], broker: Broker, identity: bytes) -> zmq.Socket[Any]:
     sock = ctx.socket(zmq.DEALER)
+    STEPPED_PEERS.append(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.connect(broker.endpoint)
@@ -525,16 +591,13 @@ def test_a_ready_at_the_largest_capacity_does_not_stall_the_broker(
     body = {"seq": 1, "capacity": p.DEFAULT_LIMITS.max_batch, "tasks": {}}
     peer.send_multipart(p.frames(p.PROTOCOL_WORKER, p.READY, body))
     # When the broker registers it, then answers a STATUS
-    started = time.monotonic()
     assert answer(broker, peer, p.PROTOCOL_WORKER)[0] == p.WELCOME
-    ready_s = time.monotonic() - started
     client = dealer(ctx, broker, b"c-status")
     client.send_multipart(p.frames(p.PROTOCOL_CLIENT, p.STATUS, {"seq": 1}))
-    started = time.monotonic()
     assert answer(broker, client, p.PROTOCOL_CLIENT)[0] == p.REPLY
-    status_s = time.monotonic() - started
-    # Then neither took a noticeable part of a heartbeat. Today the ring places
-    # 320 points per unit of capacity: 320,000 BLAKE2b hashes and a re-sort for
-    # one READY (about 1 s and 40 MB; five such READYs stall the loop 8 s), and
-    # STATUS walks all the points to compute shares (about 0.4 s).
-    assert ready_s < 0.25 and status_s < 0.25, f"READY {ready_s:.2f} s, STATUS {status_s:.2f} s"
+    # Then its place on the ring is bounded, not 320 points per unit of capacity:
+    # 320,000 BLAKE2b hashes and a re-sort took about 1 s per READY (five such
+    # READYs stalled the loop 8 s), and STATUS walked all the points. (Asserted on
+    # the ring's size, not on time: timings belong in bench/.)
+    ring = broker.placement.ring
+    assert ring.weight("w-wide") == MAX_RING_WEIGHT < p.DEFAULT_LIMITS.max_batch

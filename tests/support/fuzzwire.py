@@ -3,10 +3,11 @@
 Used by tests/integration/test_fuzz.py. A generated message is a `Msg`: who
 sends it (an index into the test's pool of DEALER identities, or a fresh
 identity) and its frames, where a frame is raw bytes or a body map still to be
-packed. Maps may hold `TaskRef` placeholders, resolved at send time to ids of
-the well-behaved client's tasks, so forged RESULTs, CHECKPOINTs and heartbeats
-name tasks that really run. A `RawConn` is a plain TCP connection that writes
-bytes (garbage, cut greetings, ZMTP/1.0 or 3.0 framing) and closes.
+packed. Maps may hold `TaskRef` and `HeldAttempt` placeholders, resolved at send
+time to ids of the well-behaved client's tasks and the attempts their leases
+hold, so forged RESULTs, CHECKPOINTs and heartbeats name tasks that really run.
+A `RawConn` is a plain TCP connection that writes bytes (garbage, cut
+greetings, ZMTP/1.0 or 3.0 framing) and closes.
 
 A plaintext ROUTER takes the routing id a peer announces, so everything here
 must stay clear of the real worker's name: that would be a takeover, a weakness
@@ -16,6 +17,7 @@ protocol.md documents, not a bug to find.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,13 +35,24 @@ MISSING = object()  # a field left out of a body
 class TaskRef:
     """One of the good client's task ids, chosen at send time.
 
-    `among` is "all", "recent" (the latest ids, likely running) or "long" (the
-    long tasks that checkpoint): the ones where a forged attempt number can
-    match the real one while the real lease is held.
+    `among` is "all", "recent" (the latest ids), "long" (the tasks that run a
+    while and checkpoint) or "running" (as the broker listed them just before).
     """
 
     index: int
     among: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldAttempt:
+    """The attempt the real worker holds for TaskRef(index, "running"), plus `delta`.
+
+    With delta 0 a forged message carries the very fencing token of the live
+    lease: only the sender's identity tells it from the real worker's.
+    """
+
+    index: int
+    delta: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +81,9 @@ class RawConn:
     messages: tuple[Msg, ...]
 
 
-def resolve(value: Any, pick: Callable[[TaskRef], int]) -> Any:
-    """`value` with TaskRefs replaced by task ids, Fillers by bytes, MISSING fields removed."""
-    if isinstance(value, TaskRef):
+def resolve(value: Any, pick: Callable[[TaskRef | HeldAttempt], int]) -> Any:
+    """`value` with placeholders resolved, Fillers made bytes and MISSING fields removed."""
+    if isinstance(value, TaskRef | HeldAttempt):
         return pick(value)
     if isinstance(value, Filler):
         return bytes(value)
@@ -101,7 +114,9 @@ MAGIC_FRAMES = (
 )
 FUZZ_NAMES = ("fuzz.a", "fuzz.b", "fuzz.\u00e9\u4e2d", "x" * 200)
 
-task_refs = st.builds(TaskRef, st.integers(0, 10_000), st.sampled_from(["all", "recent", "long"]))
+task_refs = st.builds(
+    TaskRef, st.integers(0, 10_000), st.sampled_from(["all", "recent", "long", "running"])
+)
 refs = st.one_of(task_refs, st.integers(0, 5), st.integers(0, U63), st.just(U63))
 attempts = st.integers(0, 4)
 uints = st.one_of(st.integers(0, 6), st.integers(0, U63))
@@ -158,15 +173,31 @@ new_tasks = st.fixed_dictionaries(
         "max_attempts": st.one_of(st.none(), st.integers(1, 1000)),
     },
 )
-held_lists = st.lists(st.lists(st.one_of(refs, attempts), min_size=2, max_size=2), max_size=4)
-outcomes = st.fixed_dictionaries(
-    {"id": refs, "attempt": attempts, "ok": st.booleans()},
-    optional={
+
+
+@st.composite
+def id_attempts(draw: st.DrawFn) -> tuple[Any, Any]:
+    """(task id, attempt): half the time a running task and the attempt its lease holds."""
+    if draw(st.booleans()):
+        index = draw(st.integers(0, 50))
+        return TaskRef(index, "running"), HeldAttempt(index, draw(st.sampled_from([0, 0, -1, 1])))
+    return draw(refs), draw(attempts)
+
+
+held_lists = st.lists(id_attempts().map(list), max_size=4)
+
+
+@st.composite
+def outcomes(draw: st.DrawFn) -> dict[str, Any]:
+    task_id, attempt = draw(id_attempts())
+    optional = {
         "value": st.one_of(st.none(), st.binary(max_size=16)),
         "error": st.one_of(st.none(), st.text(max_size=16)),
         "retry": st.booleans(),
-    },
-)
+    }
+    extra = draw(st.fixed_dictionaries({}, optional=optional))
+    return {"id": task_id, "attempt": attempt, "ok": draw(st.booleans()), **extra}
+
 
 # The field tables of protocol.md, with strategies for well-typed values.
 FIELDS: dict[bytes, dict[str, st.SearchStrategy[Any]]] = {
@@ -206,7 +237,7 @@ FIELDS: dict[bytes, dict[str, st.SearchStrategy[Any]]] = {
         "dseq": uints,
     },
     p.HEARTBEAT: {"dseq": uints, "held": held_lists, "draining": st.booleans()},
-    p.RESULT: {"seq": uints, "results": st.lists(outcomes, max_size=4)},
+    p.RESULT: {"seq": uints, "results": st.lists(outcomes(), max_size=4)},
     p.CHECKPOINT: {
         "seq": uints,
         "id": refs,
@@ -229,11 +260,16 @@ def _break(body: dict[str, Any], damage: list[tuple[str, Any]]) -> dict[str, Any
 
 
 @st.composite
-def shaped_messages(draw: st.DrawFn) -> tuple[bytes, bytes, dict[str, Any]]:
+def shaped_messages(
+    draw: st.DrawFn, command: bytes | None = None
+) -> tuple[bytes, bytes, dict[str, Any]]:
     """A command of the right shape: valid, or with a few fields of the wrong type or absent."""
-    command = draw(st.sampled_from(sorted(FIELDS)))
+    if command is None:
+        command = draw(st.sampled_from(sorted(FIELDS)))
     fields = FIELDS[command]
     body = draw(st.fixed_dictionaries(fields))
+    if command == p.CHECKPOINT:
+        body["id"], body["attempt"] = draw(id_attempts())
     names = [*fields, "unknown_field"]
     damage = draw(st.lists(st.tuples(st.sampled_from(names), bad_values), max_size=2))
     protocol = PROTOCOL_OF[command]
@@ -304,6 +340,35 @@ def _senders(pool_size: int, avoid: frozenset[bytes]) -> st.SearchStrategy[int |
 
 def messages(pool_size: int, avoid: frozenset[bytes]) -> st.SearchStrategy[Msg]:
     return st.builds(Msg, _senders(pool_size, avoid), frame_lists())
+
+
+@st.composite
+def repeats(draw: st.DrawFn, pool_size: int, avoid: frozenset[bytes]) -> list[Msg]:
+    """Two messages of one sender with one seq: a resend (the same frames), or a
+    broken peer that reuses the seq for another body of the same command."""
+    sender = draw(_senders(pool_size, avoid))
+    protocol, command, body = draw(shaped_messages())
+    first = Msg(sender, (protocol, command, body))
+    if draw(st.booleans()):
+        return [first, first]
+    other = draw(shaped_messages(command))[2]
+    if "seq" in body:
+        other["seq"] = body["seq"]
+    return [first, Msg(sender, (protocol, command, other))]
+
+
+def batches(pool_size: int, avoid: frozenset[bytes]) -> st.SearchStrategy[list[Msg]]:
+    """10 to 60 groups of messages; one group in eight is a repeat of a seq."""
+    group = st.integers(0, 7).flatmap(
+        lambda k: repeats(pool_size, avoid) if k == 0 else messages(pool_size, avoid).map(_one)
+    )
+    return st.lists(group, min_size=10, max_size=60).map(
+        lambda groups: list(itertools.chain.from_iterable(groups))
+    )
+
+
+def _one(msg: Msg) -> list[Msg]:
+    return [msg]
 
 
 # ---------------------------------------------------------------- raw TCP

@@ -16,6 +16,11 @@ from taskring.broker.hashring import HashRing
 from taskring.broker.jobs import Job, TaskQueue
 from taskring.broker.registry import WorkerState
 
+# Ring weight is capped: a worker of capacity 1000 would otherwise put 320,000
+# points on the ring and stall the loop for a second on every READY (found by
+# tests/integration/test_fuzz.py). Past the cap, credit still bounds its load.
+MAX_RING_WEIGHT = 16
+
 
 class Placement:
     def __init__(self, queue: TaskQueue, parked_limit: int) -> None:
@@ -27,7 +32,7 @@ class Placement:
     def join(self, name: str, capacity: int) -> None:
         if name in self.ring:
             self.ring.remove(name)
-        self.ring.add(name, weight=capacity)
+        self.ring.add(name, weight=min(capacity, MAX_RING_WEIGHT))
         self._unpark_all()
 
     def leave(self, name: str) -> None:

@@ -304,7 +304,14 @@ class Broker:
         if self._peer_key is not None:  # who submitted it: the key, then the connection
             client = f"{self._peer_key}/{client}"
         earlier = self.store.find_request(client, request.seq)
-        if earlier is not None and len(earlier) == len(request.tasks):
+        if earlier is not None and len(earlier) != len(request.tasks):
+            # Not a resend: a resend carries the very same frames. Refuse it rather
+            # than let the second (client, seq) row fail the whole turn's commit.
+            raise p.ProtocolError(
+                p.E_BAD_BODY,
+                f"seq {request.seq} was already used for a SUBMIT of {len(earlier)} tasks",
+            )
+        if earlier is not None:
             # A resend: the first copy was committed and answered (the answer was lost).
             self._reply_submit(envelope.identity, request.seq, earlier, unknown)
             if request.watch:

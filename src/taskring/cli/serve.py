@@ -108,7 +108,7 @@ def broker(
     except zmq.ZMQError as e:
         fail(f"cannot serve on {endpoint}: {e}")
     except (sqlite3.Error, OSError) as e:
-        fail(f"cannot open the task log {str(db)!r}: {e}")
+        fail(f"task log {str(db)!r}: {e}")
     except TaskringError as e:
         fail(str(e))
     except KeyboardInterrupt:
