@@ -2,9 +2,9 @@
 
 Why this shape:
 
-* Stable hash. Keys and node points are hashed with BLAKE2b (8-byte digest), never the
-  built-in ``hash()``, which is salted per process for str/bytes. Every broker process,
-  and every restart of one, must agree on which worker owns a key.
+* Stable hash. Keys and node points are hashed with BLAKE2b (8-byte digest), never
+  Python's built-in hash function, which is salted per process for str and bytes.
+  Every broker process, and every restart of one, must agree on which worker owns a key.
 * Virtual nodes. One point per node splits the hash space very unevenly and moves a
   whole arc at once when membership changes. Many points per node ("vnodes") even out
   the shares, and placing ``vnodes * weight`` points makes a worker's share of keys

@@ -38,7 +38,6 @@ class Lease:
     job: Job
     worker: str
     dseq: int  # TASK message that carried it; 0 for a lease adopted or loaded at start
-    orphan_deadline: float | None = None  # set while no registered worker holds it
 
 
 class TaskQueue:

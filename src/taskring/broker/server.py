@@ -80,6 +80,7 @@ class Broker:
         self.workers: dict[str, WorkerState] = {}
         self.leases: dict[int, Lease] = {}  # every running task, by id
         self.orphans: dict[int, Lease] = {}  # leases loaded at start, not yet reclaimed
+        self.orphan_deadline = 0.0  # all of them: one liveness window after the start
         self.queue = TaskQueue(settings.queue_window, self._load_queued)
         self.placement = Placement(self.queue, parked_limit=settings.queue_window)
         self.watchers: dict[int, set[bytes]] = {}
@@ -117,9 +118,9 @@ class Broker:
 
     def _recover(self, now: float) -> None:
         """Leases in the log wait one liveness window for their worker to claim them."""
-        deadline = now + self.settings.expiry_s
+        self.orphan_deadline = now + self.settings.expiry_s
         for row in self.store.running():
-            lease = Lease(_job(row), row["worker"] or "", dseq=0, orphan_deadline=deadline)
+            lease = Lease(_job(row), row["worker"] or "", dseq=0)
             self.leases[lease.job.id] = lease
             self.orphans[lease.job.id] = lease
         if self.orphans:
@@ -199,8 +200,8 @@ class Broker:
         due = now + hb
         for worker in self.workers.values():
             due = min(due, worker.last_sent + hb, worker.last_heard + self.settings.expiry_s)
-        for lease in self.orphans.values():
-            due = min(due, lease.orphan_deadline or due)
+        if self.orphans:  # one deadline for all: no scan of thousands of leases per turn
+            due = min(due, self.orphan_deadline)
         return max(0.0, due - now)
 
     def _handle(self, parts: list[bytes], now: float, wall: float) -> None:
@@ -498,7 +499,6 @@ class Broker:
             job = lease.job
             if (job.id, job.attempt) in held:  # re-adopted after a broker restart
                 del self.orphans[job.id]
-                lease.orphan_deadline = None
                 worker.leases[job.id] = lease
                 self.store.event(job.id, "adopted", job.attempt, name, None, wall)
             else:
@@ -712,7 +712,7 @@ class Broker:
         for worker in [w for w in self.workers.values() if now - w.last_heard > expiry]:
             silent = now - worker.last_heard
             self._remove_worker(worker, f"worker {worker.name} lost (silent {silent:.1f} s)", wall)
-        for lease in [o for o in self.orphans.values() if (o.orphan_deadline or 0) <= now]:
+        for lease in list(self.orphans.values()) if now >= self.orphan_deadline else []:
             self._lease_lost(lease, f"worker {lease.worker} did not return after restart", wall)
 
     def _remove_worker(self, worker: WorkerState, reason: str, wall: float) -> None:
