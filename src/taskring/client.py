@@ -392,7 +392,13 @@ class Client:
                     continue
                 if deadline is not None and now >= deadline and len(latest) == len(order):
                     return
-                wake = next_poll if not gets else min(d for _, d in gets.values())
+                # The safety net's next GET is due once no task has finished for
+                # repoll_s; waking at next_poll alone would spin while they do.
+                wake = (
+                    max(next_poll, last_progress + self.repoll_s)
+                    if not gets
+                    else min(d for _, d in gets.values())
+                )
                 if gets and now >= wake:
                     raise self._unavailable()
                 if deadline is not None and len(latest) == len(order):

@@ -196,6 +196,29 @@ def test_dispatch_never_exceeds_credit_and_results_free_it(broker, ctx):
     ]
 
 
+def test_a_heartbeat_sent_before_the_ack_does_not_take_the_freed_slot(broker, ctx):
+    # Given a worker of capacity 1 that finished its task
+    w = worker(ctx, broker, 0.0, capacity=1)
+    ids = submit(client(ctx, broker), broker, 0.0, [task() for _ in range(3)])
+    first = w.expect(broker, 0.0, p.TASK)["tasks"][0]
+    # When its RESULT is followed by a HEARTBEAT sent before it read the ACK
+    # (so the finished task is still listed as held)
+    result(w, first["id"], 1)
+    w.send(p.HEARTBEAT, {"dseq": 1, "held": [[first["id"], 1]]})
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == []
+    # Then the freed slot gets the next task at once, not after the next heartbeat
+    second = w.expect(broker, 0.0, p.TASK)["tasks"][0]
+    assert second["id"] == ids[1]
+    # And once the worker holds only that one, the third task still waits for credit
+    w.send(p.HEARTBEAT, {"dseq": 2, "held": [[second["id"], 1]]})
+    assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
+    # While a held pair the broker never acknowledged still fills a slot
+    result(w, second["id"], 1)
+    w.send(p.HEARTBEAT, {"dseq": 2, "held": [[second["id"], 1], [999, 1]]})
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == []
+    assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
+
+
 def test_duplicate_result_is_acknowledged_and_applied_once(broker, ctx):
     w = worker(ctx, broker, 0.0)
     (task_id,) = submit(client(ctx, broker), broker, 0.0, [task()])

@@ -324,6 +324,31 @@ def test_notify_buffered_between_requests_is_used_by_result(client, broker, in_t
     assert broker.quiet(0.1)
 
 
+def test_waiting_does_not_spin_while_tasks_keep_finishing(broker, context, in_thread, monkeypatch):
+    # Given a client that asks again after 0.3 s without progress, waiting for 4 and 5
+    with Client(broker.endpoint, backoff=FAST, repoll_s=0.3, context=context) as client:
+        pumps = 0
+        pump = client._pump
+
+        def counted(until: float) -> None:
+            nonlocal pumps
+            pumps += 1
+            pump(until)
+
+        monkeypatch.setattr(client, "_pump", counted)
+        pending = in_thread(client.wait, [4, 5])
+        identity, _, body = broker.recv()
+        broker.reply(identity, body["seq"], tasks=[view(4, "running"), view(5, "running")])
+        # When task 4 finishes just before the re-poll is due, and 5 a while after it
+        assert broker.quiet(0.2)
+        broker.send(identity, protocol.NOTIFY, {"tasks": [view(4, protocol.SUCCEEDED)]})
+        assert broker.quiet(0.25)  # past the first re-poll time, but progress was recent
+        broker.send(identity, protocol.NOTIFY, {"tasks": [view(5, protocol.SUCCEEDED)]})
+        assert all(info.done for info in pending.result(timeout=5).values())
+    # Then the client slept between messages instead of polling in a loop
+    assert pumps < 20
+
+
 def test_failed_task_raises_task_failed(client, broker, in_thread):
     pending = in_thread(client.result, 2)
     identity, _, body = broker.recv()

@@ -277,12 +277,12 @@ class Broker:
     def _send_all(self, now: float) -> None:
         send = self.socket.send_multipart
         for frames in self._outbox:
-            send(frames, copy=False)
+            send(frames)
         self._outbox.clear()
         for identity, views in self._notices.items():
             for start in range(0, len(views), self.limits.max_batch):
                 body = {"tasks": views[start : start + self.limits.max_batch]}
-                send([identity, p.PROTOCOL_CLIENT, p.NOTIFY, p.pack(body)], copy=False)
+                send([identity, p.PROTOCOL_CLIENT, p.NOTIFY, p.pack(body)])
         self._notices.clear()
         heartbeat = [p.PROTOCOL_WORKER, p.HEARTBEAT, p.pack({})]
         for worker in self.workers.values():
@@ -551,7 +551,7 @@ class Broker:
         worker = self._registered(envelope.identity, now)
         if worker is not None:
             # The ACK goes out before any TASK of this turn: the worker frees these slots first.
-            worker.foreign -= {(o.id, o.attempt) for o in request.results}
+            worker.results_acked({(o.id, o.attempt) for o in request.results})
 
     def _on_checkpoint(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_checkpoint(envelope.body, self.limits)
