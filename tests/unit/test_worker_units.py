@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 from typing import Any
 
@@ -126,6 +127,22 @@ def test_the_inbox_wakes_a_poller_and_refuses_puts_after_close() -> None:
     assert inbox.close() == ["c"]
     assert inbox.put("d") is False
     inbox.wake()  # harmless after close
+
+
+def test_the_inbox_writes_one_wake_up_per_take_and_never_misses_one() -> None:
+    # Given an inbox that received many items before the loop read it
+    inbox = Inbox()
+    for i in range(100):
+        inbox.put(i)
+    # Then the pipe holds one byte, not a hundred
+    assert os.read(inbox.fileno(), 4096) == b"\0"
+    # And the loop that read that byte still finds every item, and after that
+    # take the next put wakes the poller again
+    assert inbox.take() == list(range(100))
+    inbox.put("next")
+    assert select.select([inbox.fileno()], [], [], 0)[0] == [inbox.fileno()]
+    assert inbox.take() == ["next"]
+    inbox.close()
 
 
 def test_arguments_that_do_not_fit_fail_at_once_without_retry() -> None:

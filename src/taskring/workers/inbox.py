@@ -51,8 +51,9 @@ class CheckpointRequest:
 class Inbox:
     """Task threads -> I/O loop: a deque plus a pipe whose read end sits in the zmq.Poller.
 
-    Each put writes one byte, so the loop's poll returns at once and a finished
-    task's result leaves within microseconds, not at the next poll timeout.
+    A put writes one byte unless one is already waiting, so the loop's poll
+    returns at once and a finished task's result leaves within microseconds,
+    not at the next poll timeout.
     """
 
     def __init__(self) -> None:
@@ -65,6 +66,10 @@ class Inbox:
         # closed (and possibly reused) file descriptor.
         self._lock = threading.RLock()
         self._closed = False
+        # A byte is in the pipe that take() has not read yet: further puts need not
+        # write one. A write per result cost a system call, and a GIL hand-off to
+        # another thread, per task (bench/throughput.py).
+        self._signalled = False
 
     def fileno(self) -> int:
         return self._r
@@ -74,7 +79,8 @@ class Inbox:
             if self._closed:
                 return False
             self._items.append(item)
-            self._wake()
+            if not self._signalled:
+                self._wake()
         return True
 
     def wake(self) -> None:
@@ -83,16 +89,21 @@ class Inbox:
                 self._wake()
 
     def _wake(self) -> None:
+        self._signalled = True
         # BlockingIOError: the pipe is full of wake-ups already; one is enough.
         with contextlib.suppress(BlockingIOError):
             os.write(self._w, b"\0")
 
     def take(self) -> list[object]:
-        # Empty the pipe before the deque: an item added in between leaves its
-        # byte in the pipe, which costs one spurious wake-up and loses nothing.
+        # Empty the pipe, then clear the flag, then the deque: an item put after
+        # the flag is cleared writes a byte again, and one put before it is in
+        # the deque read below. None is left without a wake-up; at worst a
+        # spurious one finds the deque empty.
         with contextlib.suppress(BlockingIOError):
             while os.read(self._r, 4096):
                 pass
+        with self._lock:
+            self._signalled = False
         items: list[object] = []
         while self._items:
             items.append(self._items.popleft())

@@ -57,6 +57,19 @@ def _decode_input(a: Assignment) -> tuple[list[Any], dict[str, Any], Any]:
     return args, kwargs, state
 
 
+def _misfit(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+    """Why these arguments cannot bind to the task's signature, or None if they can.
+
+    Checked only after a call raised TypeError: binding on every call cost
+    more than a no-op task itself.
+    """
+    try:
+        spec.signature.bind(*((None,) if spec.wants_context else ()), *args, **kwargs)
+    except TypeError as e:
+        return str(e)
+    return None
+
+
 def run_assignment(
     a: Assignment,
     specs: Mapping[str, TaskSpec],
@@ -75,20 +88,18 @@ def run_assignment(
         return failure(a, f"cannot decode task {a.name!r}: {e}", retry=False, limits=limits)
 
     try:
-        # Arguments that do not fit the function fail the same way on every
-        # attempt: say so once, without retries (a TypeError raised inside the
-        # task is still retried like any other exception).
-        spec.signature.bind(*((None,) if spec.wants_context else ()), *args, **kwargs)
-    except TypeError as e:
-        error = f"arguments do not fit {a.name}({', '.join(spec.signature.parameters)}): {e}"
-        return failure(a, error, retry=False, limits=limits)
-    try:
         if spec.wants_context:
             ctx = TaskContext(a.id, a.attempt, state, a.number, checkpoint, limits=limits)
             value = spec.fn(ctx, *args, **kwargs)
         else:
             value = spec.fn(*args, **kwargs)
     except BaseException as e:  # even SystemExit must become a result, not a lost task
+        if isinstance(e, TypeError) and (mismatch := _misfit(spec, args, kwargs)) is not None:
+            # Arguments that do not fit the function fail the same way on every
+            # attempt: say so once, without retries. A TypeError raised inside
+            # the task is retried like any other exception.
+            error = f"arguments do not fit {a.name}({', '.join(spec.signature.parameters)}): "
+            return failure(a, error + mismatch, retry=False, limits=limits)
         return failure(a, describe_exception(e), retry=True, limits=limits)
 
     if inspect.isawaitable(value):
