@@ -113,28 +113,37 @@ class HashRing:
                 self._owner_at[p] = node
         self._points = sorted(self._owner_at)
 
-    def _index(self, key: str | bytes) -> int:
-        # First point at or after the key's hash; past the last point wraps to index 0.
-        i = bisect.bisect_left(self._points, stable_hash(key))
+    def _index(self, point: int) -> int:
+        # First point at or after this one; past the last point wraps to index 0.
+        i = bisect.bisect_left(self._points, point)
         return 0 if i == len(self._points) else i
 
     def owner(self, key: str | bytes) -> str | None:
         if not self._points:
             return None
-        return self._owner_at[self._points[self._index(key)]]
+        return self._owner_at[self._points[self._index(stable_hash(key))]]
 
     def assign(self, key: str | bytes, has_room: Callable[[str], bool]) -> str | None:
         """Return the first node clockwise from ``key``'s owner for which ``has_room`` holds.
 
         Each distinct node is asked at most once; ``None`` means every node is full.
         """
+        return self.assign_point(stable_hash(key), has_room)
+
+    def assign_point(self, point: int, has_room: Callable[[str], bool]) -> str | None:
+        """``assign`` for a position on the ring (0 <= point < 2**64) instead of a key."""
         if not self._points:
             return None
-        start = self._index(key)
+        start = self._index(point)
+        node = self._owner_at[self._points[start]]
+        if has_room(node):  # the common case, without the walk's bookkeeping
+            return node
         n_points = len(self._points)
-        asked: set[str] = set()
+        asked = {node}
         total = len(self._weights)
-        for step in range(n_points):
+        if total == 1:
+            return None
+        for step in range(1, n_points):
             node = self._owner_at[self._points[(start + step) % n_points]]
             if node in asked:
                 continue

@@ -75,7 +75,7 @@ class Placement:
                     parked_total += 1
                     continue
             else:
-                owner = self.ring.assign(job.ring_key, has_room)
+                owner = self.ring.assign_point(job.ring_point, has_room)
             if owner is None:  # no workers, or none with room
                 self.queue.add_back(job)
                 break

@@ -127,7 +127,7 @@ class Broker:
             log.info("%d running tasks wait for their workers to re-register", len(self.orphans))
 
     def _load_queued(self, after_id: int, limit: int) -> list[Job]:
-        return [_job(row) for row in self.store.queued(after_id, limit)]
+        return [Job(*row) for row in self.store.queued(after_id, limit)]
 
     def stop(self) -> None:
         """Ask `run` to return after the current turn (thread-safe)."""
@@ -727,8 +727,11 @@ class Broker:
     def _dispatch(self) -> None:
         """Lease queued jobs to workers with credit; one TASK message per worker."""
         batches: dict[str, list[Lease]] = {}
-        for job, worker in self.placement.place(self.workers):
+        placed = self.placement.place(self.workers)
+        for job, worker in placed:
             self._grant(job, worker, batches)
+        self.counts[p.QUEUED] -= len(placed)
+        self.counts[p.RUNNING] += len(placed)
         for name, leases in batches.items():
             self._send_tasks(self.workers[name], leases)
 
@@ -737,7 +740,6 @@ class Broker:
         self.counts[after] += 1
 
     def _grant(self, job: Job, worker: WorkerState, batches: dict[str, list[Lease]]) -> None:
-        self._move(p.QUEUED, p.RUNNING)
         job.attempt += 1
         lease = Lease(job, worker.name, dseq=0)
         self.leases[job.id] = lease
