@@ -6,7 +6,9 @@ wire protocol directly, so every rule is checked at the frame level.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,6 +161,69 @@ def test_submit_is_acknowledged_after_commit_and_a_resend_creates_no_second_task
     assert len(db_rows(broker, "SELECT id FROM tasks")) == 2
 
 
+def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(
+    tmp_path, ctx, monkeypatch
+):
+    # Given a broker in "full" mode whose WAL fsync is held back by a gate
+    gate = threading.Event()
+    real_fsync = os.fsync
+
+    def gated_fsync(fd: int) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+        real_fsync(fd)
+
+    settings = BrokerSettings(
+        endpoint="tcp://127.0.0.1:*",
+        db_path=str(tmp_path / "tasks.db"),
+        heartbeat_s=HEARTBEAT_S,
+        liveness=LIVENESS,
+        synchronous="full",
+    )
+    b = Broker(settings, context=ctx)
+    monkeypatch.setattr("taskring.broker.durability._datasync", gated_fsync)
+    # As on a busy broker, the sync runs in the helper thread, not inline.
+    assert b.syncer is not None
+    monkeypatch.setattr(b.syncer, "sync_here", b.syncer.request)
+    try:
+        c = client(ctx, b)
+        # When a client submits and the broker commits the task
+        c.request(p.SUBMIT, {"tasks": [task()]})
+        for _ in range(20):
+            b.poll_once(now=0.0, timeout_s=0.01)
+        assert db_rows(b, "SELECT count(*) FROM tasks") == [(1,)]
+        # Then no REPLY leaves while the sync is pending
+        assert not c.socket.poll(50)
+        # And it leaves once the WAL is on disk
+        gate.set()
+        assert c.expect(b, 0.0, p.REPLY)["ids"] == [1]
+    finally:
+        gate.set()
+        b.close()
+
+
+def test_an_idle_full_broker_syncs_inline_before_it_answers(tmp_path, ctx, monkeypatch):
+    # Given an idle broker in "full" mode that records its WAL syncs
+    events: list[str] = []
+    real = os.fdatasync if hasattr(os, "fdatasync") else os.fsync
+    settings = BrokerSettings(
+        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "tasks.db"), synchronous="full"
+    )
+    b = Broker(settings, context=ctx)
+    monkeypatch.setattr(
+        "taskring.broker.durability._datasync", lambda fd: (events.append("sync"), real(fd))
+    )
+    try:
+        c = client(ctx, b)
+        # When a client submits
+        c.request(p.SUBMIT, {"tasks": [task()]})
+        reply = c.expect(b, 0.0, p.REPLY)
+        # Then the commit was synced once, in the loop's own thread, before the REPLY
+        assert reply["ids"] == [1] and events == ["sync"]
+        assert b.store.durable == b.store.generation == 1
+    finally:
+        b.close()
+
+
 def test_idempotency_key_dedups_across_clients(broker, ctx):
     a, b = client(ctx, broker, b"c-a"), client(ctx, broker, b"c-b")
     ids_a = submit(a, broker, 0.0, [task(idem="order-1")])
@@ -213,8 +278,8 @@ def test_a_heartbeat_sent_before_the_ack_does_not_take_the_freed_slot(broker, ct
     w.send(p.HEARTBEAT, {"dseq": 2, "held": [[second["id"], 1]]})
     assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
     # While a held pair the broker never acknowledged still fills a slot
-    result(w, second["id"], 1)
     w.send(p.HEARTBEAT, {"dseq": 2, "held": [[second["id"], 1], [999, 1]]})
+    result(w, second["id"], 1)
     assert w.expect(broker, 0.0, p.ACK)["stale"] == []
     assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
 

@@ -29,11 +29,46 @@ def test_new_log_is_wal_owner_only_and_migrated_once(tmp_path):
     Store(path).close()
     again = Store(path)  # applying migrations twice must be harmless
     assert again.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert again.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    # NORMAL in SQLite: with "full" the WAL is synced by the store's own thread
+    assert again.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+    assert again.syncer is not None
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     applied = again.conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0]
     assert applied == 1
     again.close()
+
+
+def test_full_commits_are_numbered_and_become_durable_through_an_fsync_of_the_wal(
+    tmp_path, monkeypatch
+):
+    # Given a store whose WAL syncs are recorded
+    synced_inodes: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced_inodes.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr("taskring.broker.durability._datasync", recording_fsync)
+    s = Store(tmp_path / "t.db", synchronous="full")
+    assert s.syncer is not None
+    # When a turn writes, and another writes nothing
+    add_task(s)
+    with s.turn():
+        s.queued(0, 10)
+    # Then only the writing turn is a new generation, and it becomes durable
+    # through an fsync of the WAL file itself
+    assert s.generation == 1
+    assert s.syncer.wait(1, timeout_s=5.0) and s.durable == 1
+    assert os.stat(tmp_path / "t.db-wal").st_ino in synced_inodes
+    s.close()
+
+
+def test_normal_commits_count_as_durable_at_once(tmp_path):
+    s = Store(tmp_path / "t.db", synchronous="normal")
+    add_task(s)
+    assert s.syncer is None and s.generation == s.durable == 1
+    s.close()
 
 
 def test_bad_synchronous_setting_is_refused(tmp_path):

@@ -76,6 +76,11 @@ class Broker:
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
+        self.syncer = self.store.syncer
+        if self.syncer is not None:
+            self.poller.register(self.syncer.fileno(), zmq.POLLIN)
+        # Each turn's messages, tagged with the commit they reveal, until it is on disk.
+        self._unsynced: collections.deque[tuple[int, list[list[bytes]]]] = collections.deque()
 
         self.workers: dict[str, WorkerState] = {}
         self.leases: dict[int, Lease] = {}  # every running task, by id
@@ -136,6 +141,10 @@ class Broker:
     def run(self) -> None:
         while not self._stop.is_set():
             self.poll_once()
+        # Answers whose commit was still being synced go out before we leave.
+        if self.syncer is not None and self._unsynced:
+            self.syncer.wait(self.store.generation, timeout_s=5.0)
+            self._release()
 
     def reload_keys(self) -> None:
         """Read the allow folder again at the next turn (safe to call from a signal handler)."""
@@ -162,9 +171,11 @@ class Broker:
             self._reload = False
             self._allowed = self.curve.allowed()
             log.info("allowed keys reloaded: %d", len(self._allowed))
-        ready = self.poller.poll(max(0, int(timeout_s * 1000)))
+        ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
         messages: list[tuple[list[bytes], str | None]] = []
-        if ready:
+        if self.syncer is not None and self.syncer.fileno() in ready:
+            self.syncer.clear_wakeups()
+        if self.socket in ready:
             for _ in range(self.settings.max_messages_per_turn):
                 try:
                     messages.append(self._recv())
@@ -184,7 +195,11 @@ class Broker:
             self._expire(now, wall)
             self._dispatch()
             self._flush_writes(wall)
-        self._send_all(now)
+        self._seal_turn()
+        if self.syncer is not None and self._unsynced:
+            self._sync(self._unsynced[-1][0])
+        self._release()
+        self._send_heartbeats(now)
         return len(messages)
 
     def _recv(self) -> tuple[list[bytes], str | None]:
@@ -274,16 +289,43 @@ class Broker:
     def _to_worker(self, worker: WorkerState, command: bytes, body: Mapping[str, Any]) -> None:
         self._outbox.append([worker.identity, p.PROTOCOL_WORKER, command, p.pack(body)])
 
-    def _send_all(self, now: float) -> None:
-        send = self.socket.send_multipart
-        for frames in self._outbox:
-            send(frames)
-        self._outbox.clear()
+    def _seal_turn(self) -> None:
+        """This turn's messages wait for the turn's commit (and every earlier one) to be durable."""
         for identity, views in self._notices.items():
             for start in range(0, len(views), self.limits.max_batch):
                 body = {"tasks": views[start : start + self.limits.max_batch]}
-                send([identity, p.PROTOCOL_CLIENT, p.NOTIFY, p.pack(body)])
+                self._outbox.append([identity, p.PROTOCOL_CLIENT, p.NOTIFY, p.pack(body)])
         self._notices.clear()
+        if self._outbox:
+            # Tagged with the last commit even when this turn wrote nothing: a reply
+            # may read state that an earlier, still unsynced, commit wrote.
+            self._unsynced.append((self.store.generation, self._outbox))
+            self._outbox = []
+
+    def _sync(self, generation: int) -> None:
+        """Have the commits up to `generation` synced: here when idle, else in the background."""
+        assert self.syncer is not None
+        if generation <= self.syncer.synced:
+            return
+        if not self.syncer.busy and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            # Nothing else to do meanwhile: waiting here saves the two thread
+            # hand-offs, which cost more than the sync on an idle broker.
+            self.syncer.sync_here(generation)
+        else:
+            self.syncer.request(generation)
+
+    def _release(self) -> None:
+        """Send, in turn order, what the disk now holds."""
+        if self.syncer is not None and self.syncer.error is not None:
+            raise sqlite3.OperationalError(f"fsync of the task log failed: {self.syncer.error}")
+        durable = self.store.durable
+        send = self.socket.send_multipart
+        while self._unsynced and self._unsynced[0][0] <= durable:
+            for frames in self._unsynced.popleft()[1]:
+                send(frames)
+
+    def _send_heartbeats(self, now: float) -> None:
+        send = self.socket.send_multipart
         heartbeat = [p.PROTOCOL_WORKER, p.HEARTBEAT, p.pack({})]
         for worker in self.workers.values():
             if now - worker.last_sent >= self.settings.heartbeat_s:

@@ -6,9 +6,12 @@ task can be shown and checked. The broker opens one transaction per loop
 turn (`turn()`), so a burst of submits, results and checkpoints costs one
 commit, and nothing is acknowledged before that commit returns.
 
-`synchronous=FULL` (the default) makes a commit survive power loss: SQLite
-syncs the WAL before COMMIT returns. `NORMAL` survives a killed process but
-may lose the last commits on power loss; it is offered for speed.
+A commit survives the death of any process. With `synchronous="full"` (the
+default) it also survives power loss, once `durable` reaches its
+`generation`: SQLite commits with synchronous=NORMAL and a WalSyncer thread
+fsyncs the WAL, so the broker's loop never waits for the disk
+(broker/durability.py). With `"normal"` nothing is synced per commit: a power
+loss may roll back the last commits. It is offered for speed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import msgpack
 import sqlite_utils
 
+from taskring.broker.durability import WalSyncer
 from taskring.protocol import FINAL_STATES, QUEUED, RUNNING
 
 # sqlite3.Row, read by column name; typed loosely because typeshed's Row is
@@ -143,13 +147,24 @@ class Store:
         # open that every later turn would silently nest inside and never commit.
         self.db = sqlite_utils.Database(sqlite3.connect(self.path, isolation_level=None))
         self.db.enable_wal()
-        self.db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA busy_timeout = 5000")
         migrations.apply(self.db)
         self.conn: sqlite3.Connection = self.db.conn
         self.next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
+        # Commits are numbered; every one up to `durable` survives power loss.
+        self.generation = 0
+        # The read above made SQLite open (and create) the WAL file.
+        self.syncer = WalSyncer(self.path + "-wal") if synchronous == "full" else None
+
+    @property
+    def durable(self) -> int:
+        """The last commit generation that is on disk (all of them, without a syncer)."""
+        return self.syncer.synced if self.syncer is not None else self.generation
 
     def close(self) -> None:
+        if self.syncer is not None:
+            self.syncer.close()
         self.db.close()
 
     @contextlib.contextmanager
@@ -157,8 +172,11 @@ class Store:
         """One transaction: every write of one broker loop turn commits together."""
         if self.conn.in_transaction:
             raise RuntimeError("a transaction is already open: turns do not nest")
+        changes = self.conn.total_changes
         with self.db.atomic():
             yield
+        if self.conn.total_changes != changes:
+            self.generation += 1
 
     # ------------------------------------------------------------ writes
 
