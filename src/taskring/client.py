@@ -461,7 +461,7 @@ class Client:
         if self._sock.closed:
             raise TaskringError("this client is closed; open a new Client")
         try:
-            self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            protocol.send_frames(self._sock, frames, protocol.NOBLOCK)
         except zmq.Again:
             # The queue towards the broker is full (it is down or slow); the
             # resend timer tries again, so nothing more is needed here.
@@ -478,7 +478,7 @@ class Client:
         if self._sock.poll(timeout_ms, zmq.POLLIN):
             for _ in range(_MAX_DRAIN):
                 try:
-                    parts = self._sock.recv_multipart(zmq.NOBLOCK)
+                    parts = protocol.recv_frames(self._sock, protocol.NOBLOCK)
                 except zmq.Again:
                     break
                 self._handle(parts)

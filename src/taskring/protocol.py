@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgpack
+import zmq
 
 PROTOCOL_CLIENT = b"TRC01"
 PROTOCOL_WORKER = b"TRW01"
@@ -176,6 +177,31 @@ def _reject_timestamps(value: Any) -> None:
 def frames(protocol: bytes, command: bytes, body: Mapping[str, Any] | None = None) -> list[bytes]:
     """The three frames of one message, as a DEALER sends them."""
     return [protocol, command, pack(body or {})]
+
+
+# pyzmq's send_multipart and recv_multipart combine flags as enum members, which
+# cost 3x the system calls they wrap for a four-frame message (8 us a message on
+# the machines here). These do the same with plain ints.
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+
+
+def send_frames(socket: zmq.Socket[bytes], parts: Sequence[bytes], flags: int = 0) -> None:
+    """send_multipart: raises zmq.Again (with NOBLOCK) only before the first frame left."""
+    send = socket.send
+    for part in parts[:-1]:
+        send(part, flags | _SNDMORE)
+    send(parts[-1], flags)
+
+
+def recv_frames(socket: zmq.Socket[bytes], flags: int = 0) -> list[bytes]:
+    """recv_multipart: every frame of the next message."""
+    recv, more = socket.recv, socket.get
+    parts = [recv(flags)]
+    while more(_RCVMORE):
+        parts.append(recv(flags))
+    return parts
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -58,6 +58,34 @@ class TaskInfo:
     @classmethod
     def from_view(cls, view: Any) -> TaskInfo:
         """Check a view from the wire; raises TaskringError when a field is wrong."""
+        # The common case in one pass of exact type checks (a wait() on 20,000
+        # tasks makes 20,000 of these); anything else is checked field by field.
+        if type(view) is dict:
+            get = view.get
+            task_id, name, state, attempt = get("id"), get("name"), get("state"), get("attempt")
+            key, worker, error, result = get("key"), get("worker"), get("error"), get("result")
+            max_attempts, created, updated = (
+                get("max_attempts"),
+                get("created_at"),
+                get("updated_at"),
+            )
+            if (
+                type(task_id) is int
+                and type(name) is str
+                and type(state) is str
+                and type(attempt) is int
+                and type(max_attempts) is int
+                and type(created) is float
+                and type(updated) is float
+                and (key is None or type(key) is str)
+                and (worker is None or type(worker) is str)
+                and (error is None or type(error) is str)
+                and (result is None or type(result) is bytes)
+            ):
+                return cls(
+                    task_id, name, state, key, attempt, max_attempts, worker, error,
+                    created, updated, result,
+                )  # fmt: skip
         if not isinstance(view, dict):
             raise malformed("a task view is not a map")
         values: dict[str, Any] = {}

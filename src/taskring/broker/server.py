@@ -205,7 +205,7 @@ class Broker:
     def _recv(self) -> tuple[list[bytes], str | None]:
         """One message, and with CURVE the sender's public key (Z85) from ZAP's User-Id."""
         if self.curve is None:
-            return self.socket.recv_multipart(zmq.NOBLOCK), None
+            return p.recv_frames(self.socket, p.NOBLOCK), None
         frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
         key = frames[-1].get("User-Id")
         return [f.bytes for f in frames], key if isinstance(key, str) else None
@@ -319,17 +319,15 @@ class Broker:
         if self.syncer is not None and self.syncer.error is not None:
             raise sqlite3.OperationalError(f"fsync of the task log failed: {self.syncer.error}")
         durable = self.store.durable
-        send = self.socket.send_multipart
         while self._unsynced and self._unsynced[0][0] <= durable:
             for frames in self._unsynced.popleft()[1]:
-                send(frames)
+                p.send_frames(self.socket, frames)
 
     def _send_heartbeats(self, now: float) -> None:
-        send = self.socket.send_multipart
         heartbeat = [p.PROTOCOL_WORKER, p.HEARTBEAT, p.pack({})]
         for worker in self.workers.values():
             if now - worker.last_sent >= self.settings.heartbeat_s:
-                send([worker.identity, *heartbeat])
+                p.send_frames(self.socket, [worker.identity, *heartbeat])
                 worker.last_sent = now
 
     # ------------------------------------------------------------ clients

@@ -249,7 +249,7 @@ class IOLoop:
         if self._socket is None:
             return False
         try:
-            self._socket.send_multipart(frames, zmq.NOBLOCK)
+            protocol.send_frames(self._socket, frames, protocol.NOBLOCK)
         except zmq.Again:
             log.debug("send queue full; the message waits for its resend")
             return False
@@ -281,7 +281,7 @@ class IOLoop:
             if sock is None or sock is not self._socket:
                 return
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
+                parts = protocol.recv_frames(sock, protocol.NOBLOCK)
             except zmq.Again:
                 return
             self._last_heard = now  # any message is a sign of life
