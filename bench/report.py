@@ -71,9 +71,14 @@ def machine() -> str:
 
 
 def taskring_durability(synchronous: str) -> str:
+    if synchronous == "full":
+        return (
+            "taskring: --synchronous full: SQLite WAL, one commit per broker turn, the WAL "
+            "fdatasynced before any acknowledgement of it leaves (survives power loss)"
+        )
     return (
-        f"taskring: SQLite WAL, synchronous={synchronous.upper()}, one commit per broker turn, "
-        "acknowledgements only after the commit"
+        "taskring: --synchronous normal: SQLite WAL, one commit per broker turn, acknowledgements "
+        "after the commit, no sync (survives a killed process, not a power loss)"
     )
 
 

@@ -15,25 +15,40 @@ import threading
 
 
 class Waiter:
-    """A task thread blocked in ctx.checkpoint() until the loop hears the broker's ACK."""
+    """A task thread blocked in ctx.checkpoint() until the loop hears the broker's ACK.
 
-    __slots__ = ("_event", "error", "stale")
+    A one-shot signal: a lock taken at creation, which the waiting thread takes
+    again (and so blocks) until the loop releases it. A threading.Event does
+    the same with a Condition and a fresh lock per wait, at twice the cost on
+    a path every checkpoint takes.
+    """
+
+    __slots__ = ("_fired", "_signal", "error", "stale")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._signal = threading.Lock()
+        self._signal.acquire()
+        self._fired = False
         self.stale = False
         self.error: BaseException | None = None
 
     def done(self, stale: bool) -> None:
         self.stale = stale
-        self._event.set()
+        self._fire()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self._event.set()
+        self._fire()
+
+    def _fire(self) -> None:
+        # Called by the I/O loop's thread only, so the check needs no lock: a
+        # checkpoint may be failed at shutdown after it was already answered.
+        if not self._fired:
+            self._fired = True
+            self._signal.release()
 
     def wait(self) -> bool:
-        self._event.wait()
+        self._signal.acquire()
         if self.error is not None:
             raise self.error
         return self.stale
