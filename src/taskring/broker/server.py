@@ -307,7 +307,7 @@ class Broker:
         assert self.syncer is not None
         if generation <= self.syncer.synced:
             return
-        if not self.syncer.busy and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self.syncer.busy and not self.socket.poll(0, zmq.POLLIN):
             # Nothing else to do meanwhile: waiting here saves the two thread
             # hand-offs, which cost more than the sync on an idle broker.
             self.syncer.sync_here(generation)
