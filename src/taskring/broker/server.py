@@ -197,7 +197,7 @@ class Broker:
             self._flush_writes(wall)
         self._seal_turn()
         if self.syncer is not None and self._unsynced:
-            self._sync(self._unsynced[-1][0])
+            self._sync(self._unsynced[-1][0], quiet=len(messages) <= 1)
         self._release()
         self._send_heartbeats(now)
         return len(messages)
@@ -302,12 +302,17 @@ class Broker:
             self._unsynced.append((self.store.generation, self._outbox))
             self._outbox = []
 
-    def _sync(self, generation: int) -> None:
-        """Have the commits up to `generation` synced: here when idle, else in the background."""
+    def _sync(self, generation: int, *, quiet: bool) -> None:
+        """Have the commits up to `generation` synced: here when idle, else in the background.
+
+        `quiet`: this turn handled at most one message, so the broker is not
+        under load. Under load half of the turns found no input waiting at
+        their end, and syncing those inline stalled the loop for the sync.
+        """
         assert self.syncer is not None
         if generation <= self.syncer.synced:
             return
-        if not self.syncer.busy and not self.socket.poll(0, zmq.POLLIN):
+        if quiet and not self.syncer.busy and not self.socket.poll(0, zmq.POLLIN):
             # Nothing else to do meanwhile: waiting here saves the two thread
             # hand-offs, which cost more than the sync on an idle broker.
             self.syncer.sync_here(generation)
