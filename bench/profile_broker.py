@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import NOOP, Children, Taskring
+from common import BENCH_DIR, NOOP, Children, Taskring
 
 
 def summarize(folded: Path, top: int = 25) -> str:
@@ -54,7 +54,7 @@ def main() -> None:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         sys.exit("py-spy is not installed (pip install py-spy)")
-    out = Path(args.out or f"bench/profiles/{args.process}-throughput")
+    out = Path(args.out) if args.out else BENCH_DIR / "profiles" / f"{args.process}-throughput"
     out.parent.mkdir(parents=True, exist_ok=True)
     folded = out.with_suffix(".folded")
     with tempfile.TemporaryDirectory() as tmp, Children(Path(tmp)) as children:
