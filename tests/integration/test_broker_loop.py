@@ -191,11 +191,74 @@ def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(
         for _ in range(20):
             b.poll_once(now=0.0, timeout_s=0.01)
         assert db_rows(b, "SELECT count(*) FROM tasks") == [(1,)]
-        # Then no REPLY leaves while the sync is pending
-        assert not c.socket.poll(50)
-        # And it leaves once the WAL is on disk
+        # And another client asks about it (a turn that writes nothing)
+        other = client(ctx, b, b"c-other")
+        other.request(p.GET, {"ids": [1]})
+        for _ in range(20):
+            b.poll_once(now=0.0, timeout_s=0.01)
+        # Then neither the REPLY nor the answer to the GET leaves while the sync is pending
+        assert not c.socket.poll(50) and not other.socket.poll(0)
+        # And both leave, in turn order, once the WAL is on disk
         gate.set()
         assert c.expect(b, 0.0, p.REPLY)["ids"] == [1]
+        assert other.expect(b, 0.0, p.REPLY)["tasks"][0]["state"] == "queued"
+    finally:
+        gate.set()
+        b.close()
+
+
+def full_settings(tmp_path: Path) -> BrokerSettings:
+    return BrokerSettings(
+        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "tasks.db"), synchronous="full"
+    )
+
+
+def test_a_failed_wal_sync_stops_the_broker_and_sends_nothing(tmp_path, ctx, monkeypatch):
+    # Given a full-durability broker whose disk refuses the sync
+    b = Broker(full_settings(tmp_path), context=ctx)
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("taskring.broker.durability._datasync", failing)
+    assert b.syncer is not None
+    monkeypatch.setattr(b.syncer, "sync_here", b.syncer.request)  # the helper thread's path
+    try:
+        c = client(ctx, b)
+        c.request(p.SUBMIT, {"tasks": [task()]})
+        # When the loop learns of it, Then it stops with a database error
+        with pytest.raises(sqlite3.OperationalError, match="fsync of the task log failed"):
+            for _ in range(200):
+                b.poll_once(now=0.0, timeout_s=0.01)
+        # And the submit was never acknowledged
+        assert not c.socket.poll(50)
+    finally:
+        b.close()
+
+
+def test_the_loop_stops_reading_when_the_disk_falls_far_behind(tmp_path, ctx, monkeypatch):
+    # Given a full-durability broker whose syncs never finish, with a backlog at the cap
+    gate = threading.Event()
+    b = Broker(full_settings(tmp_path), context=ctx)
+    monkeypatch.setattr("taskring.broker.durability._datasync", lambda fd: gate.wait(10))
+    monkeypatch.setattr("taskring.broker.server.MAX_UNSYNCED_TURNS", 2)
+    assert b.syncer is not None
+    monkeypatch.setattr(b.syncer, "sync_here", b.syncer.request)
+    try:
+        c = client(ctx, b)
+        for _ in range(2):
+            c.request(p.SUBMIT, {"tasks": [task()]})
+            while not b.poll_once(now=0.0, timeout_s=0.5):
+                pass
+        # When a third request arrives
+        c.request(p.SUBMIT, {"tasks": [task()]})
+        for _ in range(5):
+            assert b.poll_once(now=0.0, timeout_s=0.01) == 0  # Then it is not read
+        assert db_rows(b, "SELECT count(*) FROM tasks") == [(2,)]
+        # And once the disk catches up, everything is answered
+        gate.set()
+        replies = [c.expect(b, 0.0, p.REPLY)["ids"] for _ in range(3)]
+        assert replies == [[1], [2], [3]]
     finally:
         gate.set()
         b.close()

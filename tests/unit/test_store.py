@@ -64,6 +64,30 @@ def test_full_commits_are_numbered_and_become_durable_through_an_fsync_of_the_wa
     s.close()
 
 
+def test_a_full_store_syncs_what_an_earlier_process_left_before_serving(tmp_path, monkeypatch):
+    # Given a log whose last commits were made without a sync (a broker killed before it)
+    s = Store(tmp_path / "t.db", synchronous="normal")
+    add_task(s)
+    s.close()
+    # When a full-durability store opens it
+    synced: list[int] = []
+    monkeypatch.setattr("taskring.broker.durability._datasync", lambda fd: synced.append(fd))
+    s = Store(tmp_path / "t.db", synchronous="full")
+    # Then the WAL was synced before the store could answer anything from it
+    assert len(synced) == 1 and s.generation == 0
+    s.close()
+
+
+def test_a_full_store_finds_the_wal_of_a_database_reached_through_a_symlink(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.db").symlink_to(tmp_path / "real" / "t.db")
+    s = Store(tmp_path / "link.db", synchronous="full")
+    add_task(s)
+    assert s.syncer is not None and s.syncer.wait(s.generation, timeout_s=5.0)
+    assert (tmp_path / "real" / "t.db-wal").exists()
+    s.close()
+
+
 def test_normal_commits_count_as_durable_at_once(tmp_path):
     s = Store(tmp_path / "t.db", synchronous="normal")
     add_task(s)

@@ -28,11 +28,18 @@ import threading
 class WalSyncer:
     """fsync the WAL on request; report through a pipe the loop can poll."""
 
-    def __init__(self, wal_path: str) -> None:
+    def __init__(self, db_path: str) -> None:
+        # SQLite puts the WAL beside the database file, symbolic links resolved.
+        real_db = os.path.realpath(db_path)
         # Read-write because some systems refuse fsync on a read-only descriptor;
         # nothing is ever written through it. No O_CREAT: SQLite owns the file.
-        self._fd = os.open(wal_path, os.O_RDWR)
-        _sync_directory(os.path.dirname(os.path.abspath(wal_path)))
+        self._fd = os.open(real_db + "-wal", os.O_RDWR)
+        # A broker killed before its last sync left commits that SQLite now
+        # reads back from the page cache: make them durable before anything is
+        # answered from them (this process starts counting generations at 0).
+        _datasync(self._fd)
+        _fsync_path(real_db)
+        _fsync_path(os.path.dirname(real_db))  # the WAL may be new since the last sync
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -93,6 +100,10 @@ class WalSyncer:
             self._closing = True
             self._cond.notify()
         self._thread.join(5.0)
+        if self._thread.is_alive():
+            # Stuck in a sync of a stalled disk. Its descriptors stay open: closed
+            # now, their numbers could be reused by a file the thread then writes to.
+            return
         for fd in (self._fd, self._r, self._w):
             os.close(fd)
 
@@ -114,7 +125,7 @@ class WalSyncer:
                 self._wake()
                 return
             with self._cond:
-                self._synced = target
+                self._synced = max(self._synced, target)  # sync_here may have gone further
                 self._cond.notify_all()
             self._wake()
 
@@ -128,8 +139,8 @@ class WalSyncer:
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
-def _sync_directory(path: str) -> None:
-    """A file created since the last sync of its folder can vanish on power loss."""
+def _fsync_path(path: str) -> None:
+    """fsync a file, or a folder (a file created since its folder's last sync can vanish)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -33,10 +33,12 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[p.Envelope, float, float], None]
 
-COMPLAINT_INTERVAL_S = 10.0
+COMPLAINT_INTERVAL_S = 10.0  # one log line per misbehaving peer per interval
 # Tasks with a NOTIFY watch at once: a million queued and watched tasks would
 # otherwise cost the broker hundreds of MB (bench/deep_queue.py).
-MAX_WATCHED_TASKS = 100_000  # one log line per misbehaving peer per interval
+MAX_WATCHED_TASKS = 100_000
+# Turns whose messages may wait for the WAL sync before the loop stops reading.
+MAX_UNSYNCED_TURNS = 1_000
 
 
 class Broker:
@@ -171,7 +173,14 @@ class Broker:
             self._reload = False
             self._allowed = self.curve.allowed()
             log.info("allowed keys reloaded: %d", len(self._allowed))
-        ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
+        if self.syncer is not None and len(self._unsynced) >= MAX_UNSYNCED_TURNS:
+            # The disk is far behind: take no new input until it catches up, as
+            # the loop did when SQLite synced inside COMMIT, instead of piling up
+            # answers in memory.
+            self.syncer.wait(self._unsynced[-1][0], timeout_s=max(timeout_s, 0.001))
+            ready = {}
+        else:
+            ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
         messages: list[tuple[list[bytes], str | None]] = []
         if self.syncer is not None and self.syncer.fileno() in ready:
             self.syncer.clear_wakeups()

@@ -154,8 +154,14 @@ class Store:
         self.next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
         # Commits are numbered; every one up to `durable` survives power loss.
         self.generation = 0
-        # The read above made SQLite open (and create) the WAL file.
-        self.syncer = WalSyncer(self.path + "-wal") if synchronous == "full" else None
+        self.syncer: WalSyncer | None = None
+        if synchronous == "full":
+            try:
+                # The read above made SQLite open (and create) the WAL file.
+                self.syncer = WalSyncer(self.path)
+            except OSError:
+                self.db.close()
+                raise
 
     @property
     def durable(self) -> int:
