@@ -210,11 +210,14 @@ class Taskring:
             status_probe(self.endpoint, READY_TIMEOUT_S, self.children.check)
         return self.broker
 
-    def start_workers(self, count: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
+    def start_workers(
+        self, count: int, concurrency: int, prefetch: int = 0
+    ) -> list[subprocess.Popen[bytes]]:
         for _ in range(count):
             name = f"bench-worker-{len(self.workers) + 1}"
             argv = [*TASKRING, "worker", "bench_tasks", "--endpoint", self.endpoint, "--name", name]
-            argv += ["--concurrency", str(concurrency), "--log-level", "warning"]
+            argv += ["--concurrency", str(concurrency), "--prefetch", str(prefetch)]
+            argv += ["--log-level", "warning"]
             self.workers.append(self.children.start(name, argv))
         return self.workers
 

@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--prefetch", type=int, default=0)
     parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true")
@@ -40,7 +41,7 @@ def main() -> None:
     with workdir(args) as work, Children(work) as children:
         cluster = Taskring(children, synchronous=args.synchronous)
         cluster.start_broker(work / "cpu-split.db")
-        cluster.start_workers(args.workers, args.concurrency)
+        cluster.start_workers(args.workers, args.concurrency, args.prefetch)
         cluster.wait_workers(args.workers)
         pids = {name: proc.pid for name, proc, _ in children.procs}
         with cluster.client() as client:
@@ -54,7 +55,8 @@ def main() -> None:
             spent["client (this process)"] = time.process_time() - client_before
     print(
         f"{args.tasks:,} tasks in {elapsed:.2f} s: {args.tasks / elapsed:,.0f} tasks/s "
-        f"(--synchronous {args.synchronous}, {args.workers} workers x {args.concurrency})"
+        f"(--synchronous {args.synchronous}, {args.workers} workers x {args.concurrency}, "
+        f"prefetch {args.prefetch})"
     )
     spent["all"] = sum(spent.values())
     for name, seconds in spent.items():

@@ -44,6 +44,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="taskring tasks in flight per worker (default 50)",
     )
     parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=0,
+        help="taskring tasks each worker holds beyond those running (default 0)",
+    )
+    parser.add_argument(
         "--dramatiq-threads", type=int, default=8, help="threads per Dramatiq process (default 8)"
     )
     parser.add_argument(
@@ -56,7 +62,7 @@ def run_taskring(work: Path, args: argparse.Namespace, rep: int) -> float:
     with Children(work) as children:
         cluster = Taskring(children, synchronous=args.synchronous)
         cluster.start_broker(work / f"taskring-{rep}.db")
-        cluster.start_workers(args.workers, args.concurrency)
+        cluster.start_workers(args.workers, args.concurrency, args.prefetch)
         cluster.wait_workers(args.workers)
         with cluster.client() as client:
             start = time.monotonic()
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[Goal]:
         header(
             "throughput: no-op tasks, first submit to last result",
             f"{args.tasks:,} tasks, {args.workers} worker processes, taskring --concurrency "
-            f"{args.concurrency}, median of {args.repeat} run(s)",
+            f"{args.concurrency} --prefetch {args.prefetch}, median of {args.repeat} run(s)",
             [taskring_durability(args.synchronous), *refs.durability],
             refs.skipped,
         )
@@ -145,7 +151,8 @@ def main(argv: list[str] | None = None) -> list[Goal]:
 
 def report(args: argparse.Namespace, rates: dict[str, list[float]]) -> list[Goal]:
     labels = {
-        "taskring": f"taskring ({args.workers} workers x {args.concurrency})",
+        "taskring": f"taskring ({args.workers} workers x {args.concurrency}"
+        + (f", prefetch {args.prefetch})" if args.prefetch else ")"),
         "zmq": f"raw pyzmq echo ({ECHO_WINDOW} in flight), ceiling",
         "huey": f"Huey SqliteHuey ({args.workers} process workers)",
         "dramatiq": f"Dramatiq + Redis ({args.workers} processes x {args.dramatiq_threads})",

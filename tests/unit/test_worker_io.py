@@ -134,6 +134,30 @@ def test_the_worker_never_holds_more_than_its_capacity(broker: FakeBroker, start
     assert broker.last_held(after=time.monotonic() + 0.05) == []
 
 
+def test_prefetched_tasks_wait_in_the_worker_and_count_against_its_capacity(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a worker that runs one task at a time and holds two more
+    start(concurrency=1, prefetch=2)
+    assert broker.recv(protocol.READY)["capacity"] == 3
+    broker.register()
+    # When the broker sends four
+    broker.dispatch(*(assignment(i, "wt.wait", "prefetch") for i in (1, 2, 3, 4)))
+    # Then three are held (one running, two waiting) and only the fourth is refused
+    seq, results = broker.result()
+    assert list(results) == [4] and "at capacity" in results[4]["error"]
+    broker.ack(seq)
+    assert broker.last_held(after=time.monotonic()) == [[1, 1], [2, 1], [3, 1]]
+    # And once the gate opens, the waiting ones run too
+    worker_tasks.gate("prefetch").set()
+    done: dict[int, Any] = {}
+    while len(done) < 3:
+        seq, results = broker.result()
+        done.update(results)
+        broker.ack(seq)
+    assert sorted(done) == [1, 2, 3] and all(r["ok"] for r in done.values())
+
+
 def test_checkpoint_blocks_until_the_broker_acks(broker: FakeBroker, start: Start) -> None:
     start()
     broker.register()

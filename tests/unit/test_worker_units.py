@@ -112,6 +112,11 @@ def test_settings_are_checked() -> None:
         WorkerSettings(pool="fork")  # type: ignore[arg-type]
     with pytest.raises(WorkerConfigError, match="concurrency"):
         WorkerSettings(concurrency=0)
+    with pytest.raises(WorkerConfigError, match=r"prefetch must be 0\.\.990"):
+        WorkerSettings(concurrency=10, prefetch=991)
+    with pytest.raises(WorkerConfigError, match="prefetch"):
+        WorkerSettings(prefetch=-1)
+    assert WorkerSettings(concurrency=8, prefetch=8).capacity == 16
     assert WorkerSettings(name="w1").worker_name() == "w1"
     assert WorkerSettings().worker_name().endswith(f"-{__import__('os').getpid()}")
 

@@ -122,6 +122,14 @@ def worker(
     concurrency: Annotated[
         int, typer.Option("--concurrency", "-c", min=1, help="Tasks run at once.")
     ] = 4,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Tasks held waiting beyond those running, so a free slot need not wait "
+            "for the broker. A worker that dies costs them an attempt too.",
+        ),
+    ] = 0,
     pool: Annotated[
         Pool, typer.Option(help="thread, or process for tasks that hold the GIL.")
     ] = Pool.thread,
@@ -156,6 +164,7 @@ def worker(
                 endpoint=endpoint,
                 modules=tuple(modules),
                 concurrency=concurrency,
+                prefetch=prefetch,
                 pool=pool.value,
                 name=name,
                 journal=str(journal) if journal else None,

@@ -260,7 +260,7 @@ class IOLoop:
         self._ready_seqs.add(seq)
         body = {
             "seq": seq,
-            "capacity": self.settings.concurrency,
+            "capacity": self.settings.capacity,
             "tasks": self._tasks,
             "held": self._held_list(),
             "pid": os.getpid(),
@@ -357,7 +357,7 @@ class IOLoop:
                 continue
             # A task sent before the broker heard that this worker drains is
             # run: refusing it would use up one of its attempts for nothing.
-            if len(self.held) >= self.settings.concurrency:
+            if len(self.held) >= self.settings.capacity:
                 # The broker's credit should prevent this; never hold more than capacity.
                 reason = f"worker {self.name} is at capacity ({len(self.held)}); task not started"
             else:
