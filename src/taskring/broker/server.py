@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -166,7 +167,10 @@ class Broker:
     # ------------------------------------------------------------ the loop
 
     def poll_once(self, now: float | None = None, timeout_s: float | None = None) -> int:
-        """One turn: read, apply in one transaction, commit, then send. Returns messages read."""
+        """One turn: read, apply in one transaction, commit, send what is durable.
+
+        Returns the number of messages read.
+        """
         if timeout_s is None:
             timeout_s = self._until_next_timer(time.monotonic() if now is None else now)
         if self._reload and self.curve is not None:
@@ -180,7 +184,8 @@ class Broker:
             self.syncer.wait(self._unsynced[-1][0], timeout_s=max(timeout_s, 0.001))
             ready = {}
         else:
-            ready = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
+            # Rounded up: a timer 0.4 ms away must not become a poll(0) spin.
+            ready = dict(self.poller.poll(max(0, math.ceil(timeout_s * 1000))))
         messages: list[tuple[list[bytes], str | None]] = []
         if self.syncer is not None and self.syncer.fileno() in ready:
             self.syncer.clear_wakeups()
