@@ -543,16 +543,23 @@ def decode_worker_heartbeat(
     return WorkerHeartbeat(dseq=dseq, held=_held(body, limits), draining=draining)
 
 
+def _is_lease(task_id: Any, attempt: Any) -> bool:
+    """A task id and an attempt as the fast paths accept them: exact ints in uint range."""
+    return (
+        type(task_id) is int
+        and type(attempt) is int
+        and 0 <= task_id < 2**63
+        and 0 <= attempt < 2**63
+    )
+
+
 def _outcome(item: Any, limits: Limits) -> TaskOutcome:
     # Fast path for a well-formed outcome, as in _new_task.
     if type(item) is dict:
         task_id, attempt, ok = item.get("id"), item.get("attempt"), item.get("ok")
         value, error, retry = item.get("value"), item.get("error"), item.get("retry")
         if (
-            type(task_id) is int
-            and 0 <= task_id < 2**63
-            and type(attempt) is int
-            and 0 <= attempt < 2**63
+            _is_lease(task_id, attempt)
             and type(ok) is bool
             and (value is None or (type(value) is bytes and len(value) <= limits.max_result_bytes))
             and (error is None or (type(error) is str and len(error) <= limits.max_error_len))
@@ -677,10 +684,7 @@ def decode_dispatch(body: Mapping[str, Any]) -> Dispatch:
             task_id, attempt, name = item.get("id"), item.get("attempt"), item.get("name")
             payload, state, number = item.get("payload"), item.get("state"), item.get("number")
             if (
-                type(task_id) is int
-                and 0 <= task_id < 2**63
-                and type(attempt) is int
-                and 0 <= attempt < 2**63
+                _is_lease(task_id, attempt)
                 and type(name) is str
                 and type(payload) is bytes
                 and (state is None or type(state) is bytes)
