@@ -543,29 +543,29 @@ def decode_worker_heartbeat(
     return WorkerHeartbeat(dseq=dseq, held=_held(body, limits), draining=draining)
 
 
-def _is_lease(task_id: Any, attempt: Any) -> bool:
-    """A task id and an attempt as the fast paths accept them: exact ints in uint range."""
-    return (
-        type(task_id) is int
-        and type(attempt) is int
-        and 0 <= task_id < 2**63
-        and 0 <= attempt < 2**63
-    )
+def _lease_of(item: dict[str, Any]) -> tuple[int, int] | None:
+    """(id, attempt) of an item, if both are exact ints in uint range (the fast paths)."""
+    task_id, attempt = item.get("id"), item.get("attempt")
+    if type(task_id) is not int or type(attempt) is not int:
+        return None
+    if not (0 <= task_id < 2**63 and 0 <= attempt < 2**63):
+        return None
+    return task_id, attempt
 
 
 def _outcome(item: Any, limits: Limits) -> TaskOutcome:
     # Fast path for a well-formed outcome, as in _new_task.
     if type(item) is dict:
-        task_id, attempt, ok = item.get("id"), item.get("attempt"), item.get("ok")
+        lease, ok = _lease_of(item), item.get("ok")
         value, error, retry = item.get("value"), item.get("error"), item.get("retry")
         if (
-            _is_lease(task_id, attempt)
+            lease is not None
             and type(ok) is bool
             and (value is None or (type(value) is bytes and len(value) <= limits.max_result_bytes))
             and (error is None or (type(error) is str and len(error) <= limits.max_error_len))
             and (retry is None or type(retry) is bool)
         ):
-            return TaskOutcome(task_id, attempt, ok, value, error, retry is not False)
+            return TaskOutcome(*lease, ok, value, error, retry is not False)
     return _checked_outcome(item, limits)
 
 
@@ -681,16 +681,16 @@ def decode_dispatch(body: Mapping[str, Any]) -> Dispatch:
     tasks = []
     for item in _field(body, "tasks", list):
         if type(item) is dict:  # fast path for a well-formed assignment, as in _new_task
-            task_id, attempt, name = item.get("id"), item.get("attempt"), item.get("name")
+            lease, name = _lease_of(item), item.get("name")
             payload, state, number = item.get("payload"), item.get("state"), item.get("number")
             if (
-                _is_lease(task_id, attempt)
+                lease is not None
                 and type(name) is str
                 and type(payload) is bytes
                 and (state is None or type(state) is bytes)
                 and (number is None or type(number) is int)
             ):
-                tasks.append(Assignment(task_id, attempt, name, payload, state, number or 0))
+                tasks.append(Assignment(*lease, name, payload, state, number or 0))
                 continue
         if not isinstance(item, dict):
             raise ProtocolError(E_BAD_BODY, "each task must be a map")
