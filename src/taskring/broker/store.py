@@ -9,8 +9,8 @@ commit, and nothing is acknowledged before that commit returns.
 A commit survives the death of any process. With `synchronous="full"` (the
 default) it also survives power loss, once `durable` reaches its
 `generation`: SQLite commits with synchronous=NORMAL and a WalSyncer thread
-fsyncs the WAL, so the broker's loop never waits for the disk
-(broker/durability.py). With `"normal"` nothing is synced per commit: a power
+syncs the WAL file (fdatasync), so the broker's loop does not wait for the
+disk (broker/durability.py). With `"normal"` nothing is synced per commit: a power
 loss may roll back the last commits. It is offered for speed.
 """
 
