@@ -85,21 +85,30 @@ def ctx() -> Iterator[zmq.Context[Any]]:
 
 
 def make_broker(
-    tmp_path: Path, ctx: zmq.Context[Any], endpoint: str = "tcp://127.0.0.1:*"
+    tmp_path: Path,
+    ctx: zmq.Context[Any],
+    endpoint: str = "tcp://127.0.0.1:*",
+    synchronous: str = "normal",
 ) -> Broker:
     settings = BrokerSettings(
         endpoint=endpoint,
         db_path=str(tmp_path / "tasks.db"),
         heartbeat_s=HEARTBEAT_S,
         liveness=LIVENESS,
-        synchronous="normal",
+        synchronous=synchronous,
     )
     return Broker(settings, context=ctx)
 
 
+@pytest.fixture(params=["normal", "full"])
+def synchronous(request: pytest.FixtureRequest) -> str:
+    """Every rule holds in both modes; "full" also sends only what the WAL sync made durable."""
+    return str(request.param)
+
+
 @pytest.fixture
-def broker(tmp_path: Path, ctx: zmq.Context[Any]) -> Iterator[Broker]:
-    b = make_broker(tmp_path, ctx)
+def broker(tmp_path: Path, ctx: zmq.Context[Any], synchronous: str) -> Iterator[Broker]:
+    b = make_broker(tmp_path, ctx, synchronous=synchronous)
     yield b
     b.close()
 
@@ -478,16 +487,16 @@ def test_lease_lost_in_transit_is_requeued(broker, ctx):
     assert (got["id"], got["attempt"]) == (task_id, 2)
 
 
-def test_restart_readopts_leases_the_worker_still_holds(tmp_path, ctx):
+def test_restart_readopts_leases_the_worker_still_holds(tmp_path, ctx, synchronous):
     # Given two tasks leased to w1, then the broker stops
-    b1 = make_broker(tmp_path, ctx)
+    b1 = make_broker(tmp_path, ctx, synchronous=synchronous)
     c = client(ctx, b1)
     w = worker(ctx, b1, 0.0, b"w1", capacity=2)
     ids = submit(c, b1, 0.0, [task(), task()])
     w.expect(b1, 0.0, p.TASK)
     b1.close()
     # When a new broker starts on the same log and w1 registers holding only the first
-    b2 = make_broker(tmp_path, ctx)
+    b2 = make_broker(tmp_path, ctx, synchronous=synchronous)
     w2 = worker(ctx, b2, 0.0, b"w1", capacity=2, held=[[ids[0], 1]])
     # Then the first lease is re-adopted, the second is dispatched again with attempt 2
     got = w2.expect(b2, 0.0, p.TASK)["tasks"]
@@ -498,13 +507,15 @@ def test_restart_readopts_leases_the_worker_still_holds(tmp_path, ctx):
     b2.close()
 
 
-def test_restart_requeues_leases_nobody_claims_within_the_liveness_window(tmp_path, ctx):
-    b1 = make_broker(tmp_path, ctx)
+def test_restart_requeues_leases_nobody_claims_within_the_liveness_window(
+    tmp_path, ctx, synchronous
+):
+    b1 = make_broker(tmp_path, ctx, synchronous=synchronous)
     w = worker(ctx, b1, 0.0, b"gone", capacity=1)
     (task_id,) = submit(client(ctx, b1), b1, 0.0, [task()])
     w.expect(b1, 0.0, p.TASK)
     b1.close()
-    b2 = make_broker(tmp_path, ctx)
+    b2 = make_broker(tmp_path, ctx, synchronous=synchronous)
     start = b2.started
     w2 = worker(ctx, b2, start, b"other", capacity=1)
     assert [m for m in w2.drain(b2, start) if m[0] == p.TASK] == []  # waits for "gone"
