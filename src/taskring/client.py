@@ -401,7 +401,9 @@ class Client:
                 )
                 if gets and now >= wake:
                     raise self._unavailable()
-                if deadline is not None and len(latest) == len(order):
+                # Wake at the deadline: to return, or to ask about the ids never seen.
+                # Past it, a GET for those is in flight and its answer is awaited.
+                if deadline is not None and (len(latest) == len(order) or now < deadline):
                     wake = min(wake, deadline)
                 self._pump(wake)
         finally:

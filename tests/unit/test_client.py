@@ -7,6 +7,7 @@ in a one-thread executor while the test thread plays the broker.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -347,6 +348,27 @@ def test_waiting_does_not_spin_while_tasks_keep_finishing(broker, context, in_th
         assert all(info.done for info in pending.result(timeout=5).values())
     # Then the client slept between messages instead of polling in a loop
     assert pumps < 20
+
+
+def test_a_timeout_on_a_task_this_client_submitted_is_kept(broker, context, in_thread):
+    # Given a client that re-polls only every 5 s and a task it submitted itself
+    # (so it waits on the NOTIFY and has never asked about its state)
+    with Client(broker.endpoint, backoff=FAST, repoll_s=5.0, context=context) as client:
+        pending = in_thread(client.submit, "add", 1)
+        identity, _, body = broker.recv()
+        broker.reply(identity, body["seq"], ids=[8], unknown=[])
+        handle = pending.result(timeout=5)
+        # When it waits with a 0.2 s timeout and no NOTIFY comes
+        began = time.monotonic()
+        waiting = in_thread(handle.result, 0.2)
+        # Then at the deadline it asks once about the task it never saw
+        identity, command, body = broker.recv()
+        assert command == protocol.GET and body["ids"] == [8]
+        broker.reply(identity, body["seq"], tasks=[view(8, protocol.RUNNING)])
+        # And reports the timeout with the state, long before the next re-poll
+        with pytest.raises(ResultTimeout, match="state: running"):
+            waiting.result(timeout=5)
+        assert time.monotonic() - began < 2.5
 
 
 def test_failed_task_raises_task_failed(client, broker, in_thread):
