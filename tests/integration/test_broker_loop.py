@@ -6,6 +6,7 @@ wire protocol directly, so every rule is checked at the frame level.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import threading
@@ -354,6 +355,41 @@ def test_a_heartbeat_sent_before_the_ack_does_not_take_the_freed_slot(broker, ct
     result(w, second["id"], 1)
     assert w.expect(broker, 0.0, p.ACK)["stale"] == []
     assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
+
+
+def test_notify_is_split_so_no_message_outgrows_the_size_limit(tmp_path, ctx):
+    # Given a broker whose messages may be 16 KiB, and three tasks whose results are 5 KB
+    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384, max_result_bytes=6_000)
+    settings = BrokerSettings(
+        endpoint="tcp://127.0.0.1:*",
+        db_path=str(tmp_path / "tasks.db"),
+        synchronous="normal",
+        limits=limits,
+    )
+    b = Broker(settings, context=ctx)
+    try:
+        w = worker(ctx, b, 0.0, capacity=3)
+        c = client(ctx, b)
+        c.request(p.SUBMIT, {"tasks": [task() for _ in range(3)], "watch": True})
+        c.expect(b, 0.0, p.REPLY)
+        got = w.expect(b, 0.0, p.TASK)["tasks"]
+        # When all three finish in one turn
+        for t in got:
+            result(w, t["id"], t["attempt"], value=b"x" * 5_000)
+        b.poll_once(now=0.0, timeout_s=0.5)
+        # Then the views arrive over several NOTIFYs, each under the limit
+        sizes, seen = [], []
+        for _ in range(20):
+            b.poll_once(now=0.0, timeout_s=0.01)
+            while c.socket.poll(0):
+                frames = c.socket.recv_multipart()
+                if frames[1] == p.NOTIFY:
+                    sizes.append(sum(len(f) for f in frames))
+                    seen += [v["id"] for v in p.unpack(frames[2])["tasks"]]
+        assert sorted(seen) == sorted(t["id"] for t in got)
+        assert len(sizes) >= 2 and max(sizes) < limits.max_message_bytes
+    finally:
+        b.close()
 
 
 def test_duplicate_result_is_acknowledged_and_applied_once(broker, ctx):

@@ -306,8 +306,8 @@ class Broker:
     def _seal_turn(self) -> None:
         """This turn's messages wait for the turn's commit (and every earlier one) to be durable."""
         for identity, views in self._notices.items():
-            for start in range(0, len(views), self.limits.max_batch):
-                body = {"tasks": views[start : start + self.limits.max_batch]}
+            for chunk in self._notice_chunks(views):
+                body = {"tasks": chunk}
                 self._outbox.append([identity, p.PROTOCOL_CLIENT, p.NOTIFY, p.pack(body)])
         self._notices.clear()
         if self._outbox:
@@ -332,6 +332,24 @@ class Broker:
             self.syncer.sync_here(generation)
         else:
             self.syncer.request(generation)
+
+    def _notice_chunks(self, views: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """NOTIFY bodies of at most max_batch views and about half of max_message_bytes.
+
+        A client's socket drops a message over its size limit without a word
+        (ZMQ_MAXMSGSIZE), and a thousand large results would be over it.
+        """
+        budget = self.limits.max_message_bytes // 2
+        chunks: list[list[dict[str, Any]]] = [[]]
+        size = 0
+        for view in views:
+            cost = len(view["result"] or b"") + len(view["error"] or "") + len(view["name"]) + 128
+            if chunks[-1] and (len(chunks[-1]) >= self.limits.max_batch or size + cost > budget):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(view)
+            size += cost
+        return chunks
 
     def _release(self) -> None:
         """Send, in turn order, what the disk now holds."""
