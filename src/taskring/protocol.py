@@ -22,8 +22,8 @@ decoder only sees well-typed values.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import msgpack
 import zmq
@@ -99,6 +99,8 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+T = TypeVar("T")
+
 
 class ProtocolError(Exception):
     """A message that breaks the protocol. `code` is one of the E_* strings."""
@@ -169,6 +171,33 @@ def _reject_timestamps(value: Any) -> None:
             stack.extend(item)
         elif isinstance(item, msgpack.Timestamp):
             raise ProtocolError(E_BAD_BODY, "msgpack extension type -1 is not allowed")
+
+
+# ---------------------------------------------------------------- batching
+
+
+def split_by_size(
+    items: Sequence[T], size: Callable[[T], int], limits: Limits = DEFAULT_LIMITS
+) -> list[list[T]]:
+    """Items in messages of at most max_batch of them and about half of max_message_bytes.
+
+    `size` estimates an item's bytes on the wire. The other half of the limit
+    is left for the envelope and msgpack's framing; an item larger than the
+    budget travels alone. TASK, RESULT and NOTIFY are split this way.
+    """
+    if not items:
+        return []
+    budget = limits.max_message_bytes // 2
+    chunks: list[list[T]] = [[]]
+    used = 0
+    for item in items:
+        cost = size(item)
+        if chunks[-1] and (len(chunks[-1]) >= limits.max_batch or used + cost > budget):
+            chunks.append([])
+            used = 0
+        chunks[-1].append(item)
+        used += cost
+    return chunks
 
 
 # ---------------------------------------------------------------- framing

@@ -7,6 +7,7 @@ good examples below, so one test's mutation cannot leak into another.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -1011,3 +1012,11 @@ def test_timestamps_in_every_ext_encoding_are_refused(header, length):
     with pytest.raises(p.ProtocolError) as error:
         p.unpack(body)
     assert error.value.code == p.E_BAD_BODY
+
+
+def test_split_by_size_bounds_count_and_bytes_and_lets_a_large_item_travel_alone() -> None:
+    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=1000, max_batch=3)
+    sizes = [100, 100, 100, 100, 300, 300, 2000, 10]
+    chunks = p.split_by_size(sizes, lambda n: n, limits)
+    assert chunks == [[100, 100, 100], [100, 300], [300], [2000], [10]]
+    assert p.split_by_size([], lambda n: n, limits) == []

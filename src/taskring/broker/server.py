@@ -306,7 +306,7 @@ class Broker:
     def _seal_turn(self) -> None:
         """This turn's messages wait for the turn's commit (and every earlier one) to be durable."""
         for identity, views in self._notices.items():
-            for chunk in self._notice_chunks(views):
+            for chunk in p.split_by_size(views, _view_bytes, self.limits):
                 body = {"tasks": chunk}
                 self._outbox.append([identity, p.PROTOCOL_CLIENT, p.NOTIFY, p.pack(body)])
         self._notices.clear()
@@ -332,24 +332,6 @@ class Broker:
             self.syncer.sync_here(generation)
         else:
             self.syncer.request(generation)
-
-    def _notice_chunks(self, views: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        """NOTIFY bodies of at most max_batch views and about half of max_message_bytes.
-
-        A client's socket drops a message over its size limit without a word
-        (ZMQ_MAXMSGSIZE), and a thousand large results would be over it.
-        """
-        budget = self.limits.max_message_bytes // 2
-        chunks: list[list[dict[str, Any]]] = [[]]
-        size = 0
-        for view in views:
-            cost = len(view["result"] or b"") + len(view["error"] or "") + len(view["name"]) + 128
-            if chunks[-1] and (len(chunks[-1]) >= self.limits.max_batch or size + cost > budget):
-                chunks.append([])
-                size = 0
-            chunks[-1].append(view)
-            size += cost
-        return chunks
 
     def _release(self) -> None:
         """Send, in turn order, what the disk now holds."""
@@ -826,18 +808,7 @@ class Broker:
 
     def _send_tasks(self, worker: WorkerState, leases: list[Lease]) -> None:
         """TASK messages of at most max_batch tasks and half of max_message_bytes each."""
-        budget = self.limits.max_message_bytes // 2
-        chunks: list[list[Lease]] = [[]]
-        size = 0
-        for lease in leases:
-            job = lease.job
-            cost = len(job.payload) + len(job.checkpoint or b"") + len(job.name) + 64
-            if chunks[-1] and (len(chunks[-1]) >= self.limits.max_batch or size + cost > budget):
-                chunks.append([])
-                size = 0
-            chunks[-1].append(lease)
-            size += cost
-        for chunk in chunks:
+        for chunk in p.split_by_size(leases, _lease_bytes, self.limits):
             worker.dseq += 1
             tasks = []
             for lease in chunk:
@@ -877,6 +848,17 @@ def _job(row: Mapping[str, Any]) -> Job:
         row["checkpoint_no"],
         row["created_at"],
     )
+
+
+def _lease_bytes(lease: Lease) -> int:
+    job = lease.job
+    return len(job.payload) + len(job.checkpoint or b"") + len(job.name) + 64
+
+
+def _view_bytes(view: dict[str, Any]) -> int:
+    # A client's socket drops a message over its size limit without a word
+    # (ZMQ_MAXMSGSIZE), and a thousand large results would be over it.
+    return len(view["result"] or b"") + len(view["error"] or "") + len(view["name"]) + 128
 
 
 def _seq(envelope: p.Envelope) -> int | None:

@@ -428,17 +428,8 @@ class IOLoop:
 
     def _send_results(self, now: float) -> None:
         """All of this turn's outcomes in one RESULT, split only by the message limits."""
-        budget = self.limits.max_message_bytes // 2
-        batch: list[TaskOutcome] = []
-        size = 0
-        for outcome in self._finished:
-            n = len(outcome.value or b"") + len(outcome.error or "") + 64
-            if batch and (len(batch) >= self.limits.max_batch or size + n > budget):
-                self._send_result(batch, now)
-                batch, size = [], 0
-            batch.append(outcome)
-            size += n
-        self._send_result(batch, now)
+        for batch in protocol.split_by_size(self._finished, _outcome_bytes, self.limits):
+            self._send_result(batch, now)
         self._finished = []
 
     def _send_result(self, batch: list[TaskOutcome], now: float) -> None:
@@ -481,3 +472,7 @@ class IOLoop:
             # A bounded linger gives the DISCONNECT its chance without risking a hang.
             self._socket.close(linger=int(linger_s * 1000))
             self._socket = None
+
+
+def _outcome_bytes(outcome: TaskOutcome) -> int:
+    return len(outcome.value or b"") + len(outcome.error or "") + 64
