@@ -27,7 +27,8 @@ from taskring.broker.jobs import Job, Lease, TaskQueue
 from taskring.broker.placement import Placement
 from taskring.broker.registry import WorkerState
 from taskring.broker.settings import BrokerSettings
-from taskring.broker.store import Store, wall_clock
+from taskring.broker.store import Store
+from taskring.clock import wall_clock
 from taskring.security import CurveServer, is_loopback
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -125,11 +124,6 @@ _CHECKPOINT = (
     "UPDATE tasks SET checkpoint = ?, checkpoint_no = ?, updated_at = ?"
     " WHERE id = ? AND attempt = ? AND checkpoint_no < ?"
 )
-
-
-def wall_clock() -> float:
-    """Unix time in seconds, for log timestamps only (deadlines use time.monotonic)."""
-    return time.time_ns() / 1e9
 
 
 class Store:

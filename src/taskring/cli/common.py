@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from taskring.client import Client
+from taskring.clock import wall_clock
 from taskring.errors import (
     BrokerUnavailable,
     RequestRejected,
@@ -148,7 +149,7 @@ def local_time(unix_s: float) -> str:
 
 def age(unix_s: float) -> str:
     """How long ago, coarse: 4s, 12m, 3h, 2d."""
-    seconds = max(0.0, time.time() - unix_s)
+    seconds = max(0.0, wall_clock() - unix_s)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
