@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+from taskring.broker.jobs import Job
 from taskring.broker.store import Store
 
 
@@ -135,8 +136,9 @@ def test_checkpoint_never_goes_backwards(store):
         store.lease([(task_id, 1, "w1")], 2.0)
         store.checkpoint(task_id, 1, "w1", 5, b"five", 3.0)
         store.checkpoint(task_id, 1, "w1", 4, b"four", 4.0)
-    row = store.running()[0]
-    assert (row["checkpoint"], row["checkpoint_no"]) == (b"five", 5)
+    *fields, worker = store.running()[0]
+    job = Job(*fields)
+    assert (job.checkpoint, job.checkpoint_no, worker) == (b"five", 5, "w1")
 
 
 def test_request_dedup_lookup_and_idempotency_keys(store):

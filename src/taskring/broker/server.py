@@ -128,8 +128,8 @@ class Broker:
     def _recover(self, now: float) -> None:
         """Leases in the log wait one liveness window for their worker to claim them."""
         self.orphan_deadline = now + self.settings.expiry_s
-        for row in self.store.running():
-            lease = Lease(_job(row), row["worker"] or "", dseq=0)
+        for *fields, worker in self.store.running():
+            lease = Lease(Job(*fields), worker or "", dseq=0)
             self.leases[lease.job.id] = lease
             self.orphans[lease.job.id] = lease
         if self.orphans:
@@ -835,20 +835,6 @@ class Broker:
         if self._successes:
             self.store.finish_many(self._successes, wall)
             self._successes.clear()
-
-
-def _job(row: Mapping[str, Any]) -> Job:
-    return Job(
-        row["id"],
-        row["name"],
-        row["payload"],
-        row["key"],
-        row["attempt"],
-        row["max_attempts"],
-        row["checkpoint"],
-        row["checkpoint_no"],
-        row["created_at"],
-    )
 
 
 def _lease_bytes(lease: Lease) -> int:

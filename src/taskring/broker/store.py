@@ -95,10 +95,6 @@ def m001_tasks_and_events(db: sqlite_utils.Database) -> None:
     )
 
 
-TASK_COLUMNS = (
-    "id, name, payload, key, state, attempt, max_attempts, worker, checkpoint, checkpoint_no,"
-    " result, error, created_at, updated_at"
-)
 # In the order of broker.jobs.Job's fields.
 JOB_COLUMNS = "id, name, payload, key, attempt, max_attempts, checkpoint, checkpoint_no, created_at"
 VIEW_COLUMNS = (
@@ -283,8 +279,11 @@ class Store:
     def known_names(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT name, max_attempts FROM task_names").fetchall())
 
-    def running(self) -> list[Row]:
-        return self._rows(f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ?", (RUNNING,))
+    def running(self) -> list[tuple[Any, ...]]:
+        """Running tasks as tuples of JOB_COLUMNS, then the worker holding the lease."""
+        return self.conn.execute(
+            f"SELECT {JOB_COLUMNS}, worker FROM tasks WHERE state = ?", (RUNNING,)
+        ).fetchall()
 
     def queued(self, after_id: int, limit: int) -> list[tuple[Any, ...]]:
         """Queued tasks after `after_id` in id order, as plain tuples of JOB_COLUMNS.
