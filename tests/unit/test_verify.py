@@ -305,18 +305,21 @@ def test_an_acknowledged_checkpoint_missing_from_the_log_is_a_regression(log, tm
     )
 
 
+# Attempt 1 stores checkpoints 1 and 2, then attempt 2 runs to the end.
+CHECKPOINT_2_THEN_A_RETRY = [
+    ("submitted", 0),
+    ("leased", 1),
+    ("checkpointed", 1, "checkpoint 1"),
+    ("checkpointed", 1, "checkpoint 2"),
+    ("retried", 1),
+    ("leased", 2),
+    ("succeeded", 2),
+]
+
+
 def test_an_attempt_starting_below_an_acknowledged_checkpoint_is_a_regression(log, tmp_path):
     # Given attempt 1 had checkpoint 2 acknowledged, and attempt 2 started from 1
-    events = [
-        ("submitted", 0),
-        ("leased", 1),
-        ("checkpointed", 1, "checkpoint 1"),
-        ("checkpointed", 1, "checkpoint 2"),
-        ("retried", 1),
-        ("leased", 2),
-        ("succeeded", 2),
-    ]
-    log.task(1, events)
+    log.task(1, CHECKPOINT_2_THEN_A_RETRY)
     starts = jsonl(tmp_path / "s.jsonl", {"id": 1, "attempt": 2, "number": 1})
     report = check(log.path, start_logs=[starts])
     assert messages(report, "checkpoint regression") == [
@@ -326,16 +329,7 @@ def test_an_attempt_starting_below_an_acknowledged_checkpoint_is_a_regression(lo
 
 def test_without_start_logs_an_attempts_start_is_read_from_its_first_checkpoint(log, tmp_path):
     # Attempt 2's first checkpoint is 2, so it started from 1; 2 had been acknowledged
-    events = [
-        ("submitted", 0),
-        ("leased", 1),
-        ("checkpointed", 1, "checkpoint 1"),
-        ("checkpointed", 1, "checkpoint 2"),
-        ("retried", 1),
-        ("leased", 2),
-        ("succeeded", 2),
-    ]
-    log.task(1, events)
+    log.task(1, CHECKPOINT_2_THEN_A_RETRY)
     workers = jsonl(tmp_path / "w.jsonl", ckpt(1, 1, 2), ckpt(1, 2, 2, stale=True))
     assert check(log.path, [], [workers]).regressions == 1
 

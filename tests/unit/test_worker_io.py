@@ -124,11 +124,7 @@ def test_the_worker_never_holds_more_than_its_capacity(broker: FakeBroker, start
     assert broker.last_held(after=time.monotonic()) == [[1, 1], [2, 1]]
     # When the two running tasks finish and their results are ACKed
     worker_tasks.gate("cap").set()
-    done: dict[int, Any] = {}
-    while len(done) < 2:
-        seq, results = broker.result()
-        done.update(results)
-        broker.ack(seq)
+    done = broker.results_acked(2)
     assert sorted(done) == [1, 2]
     # Then held shrinks to nothing
     assert broker.last_held(after=time.monotonic() + 0.05) == []
@@ -150,11 +146,7 @@ def test_prefetched_tasks_wait_in_the_worker_and_count_against_its_capacity(
     assert broker.last_held(after=time.monotonic()) == [[1, 1], [2, 1], [3, 1]]
     # And once the gate opens, the waiting ones run too
     worker_tasks.gate("prefetch").set()
-    done: dict[int, Any] = {}
-    while len(done) < 3:
-        seq, results = broker.result()
-        done.update(results)
-        broker.ack(seq)
+    done = broker.results_acked(3)
     assert sorted(done) == [1, 2, 3] and all(r["ok"] for r in done.values())
 
 

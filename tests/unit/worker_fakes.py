@@ -129,6 +129,15 @@ class FakeBroker:
         body = self.recv(protocol.RESULT, timeout_s)
         return body["seq"], {r["id"]: r for r in body["results"]}
 
+    def results_acked(self, count: int) -> dict[int, dict[str, Any]]:
+        """Outcomes of `count` tasks, each RESULT ACKed as it arrives: task id -> outcome."""
+        done: dict[int, dict[str, Any]] = {}
+        while len(done) < count:
+            seq, results = self.result()
+            done.update(results)
+            self.ack(seq)
+        return done
+
     def last_held(self, after: float) -> list[list[int]]:
         """`held` of the first worker heartbeat received after monotonic time `after`."""
         deadline = time.monotonic() + 5.0
