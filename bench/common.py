@@ -27,6 +27,7 @@ import zmq
 from taskring import protocol
 from taskring.broker.store import Store
 from taskring.client import Client
+from taskring.clock import wall_clock
 from taskring.demo import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -288,7 +289,7 @@ def build_db(path: Path, *, total: int, running: int, worker: str = "gone-worker
     """
     store = Store(path, synchronous="normal")
     try:
-        now = time.time()
+        now = wall_clock()
         # Every write inside a turn: one outside it would open a transaction never committed.
         with store.turn():
             store.remember_names({NOOP: 3}, now)

@@ -16,7 +16,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import pytest
 from cluster import Cluster, wait_for
 from taskring import protocol
 from taskring.client import Client
+from taskring.clock import wall_clock
 
 pytestmark = pytest.mark.chaos
 
@@ -115,7 +115,7 @@ def start_workers(
 def restart_broker(cluster: Cluster) -> float:
     """SIGKILL the broker, then start a new one on the same database; the kill's wall time."""
     assert cluster.broker is not None
-    killed_at = time.time()  # wall clock, as the journals and the log have it
+    killed_at = wall_clock()  # wall clock, as the journals and the log have it
     cluster.kill(cluster.broker)
     cluster.start_broker()
     return killed_at
@@ -147,7 +147,7 @@ def test_a_killed_worker_s_task_resumes_elsewhere_from_its_last_acknowledged_che
             "two acknowledged checkpoints",
             interval_s=0.005,
         )
-        killed_at = time.time()  # wall clock, to compare with the log's event times
+        killed_at = wall_clock()  # wall clock, to compare with the log's event times
         cluster.kill(proc)
         acked = max(acked_checkpoints(first_journal, handle.id, 1))
 
