@@ -91,7 +91,8 @@ class Limits:
     max_payload_bytes: int = 1024 * 1024  # packed args and kwargs of one task
     max_result_bytes: int = 1024 * 1024  # packed return value of one task
     max_checkpoint_bytes: int = 1024 * 1024  # packed checkpoint state
-    max_batch: int = 1000  # tasks in one SUBMIT, results in one RESULT, ids in one GET
+    # tasks in one SUBMIT, results in one RESULT, checkpoints in one CHECKPOINT, ids in one GET
+    max_batch: int = 1000
     max_name_len: int = 200
     max_key_len: int = 256
     max_error_len: int = 8192
@@ -522,13 +523,17 @@ class Result:
     results: tuple[TaskOutcome, ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Checkpoint:
-    seq: int
+class Checkpoint(NamedTuple):
     id: int
     attempt: int
     number: int  # 1, 2, 3... within one task; a lower number never overwrites a higher
     state: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Checkpoints:
+    seq: int
+    checkpoints: tuple[Checkpoint, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -620,16 +625,39 @@ def decode_result(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> R
     )
 
 
-def decode_checkpoint(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Checkpoint:
-    state = _blob(body, "state", limits.max_checkpoint_bytes, "max_checkpoint_bytes")
+def _checkpoint(item: Any, limits: Limits) -> Checkpoint:
+    # Fast path for a well-formed checkpoint, as in _outcome.
+    if type(item) is dict:
+        lease, number, state = _lease_of(item), item.get("number"), item.get("state")
+        if (
+            lease is not None
+            and type(number) is int
+            and 0 <= number < 2**63
+            and type(state) is bytes
+            and len(state) <= limits.max_checkpoint_bytes
+        ):
+            return Checkpoint(*lease, number, state)
+    return _checked_checkpoint(item, limits)
+
+
+def _checked_checkpoint(item: Any, limits: Limits) -> Checkpoint:
+    if not isinstance(item, dict):
+        raise ProtocolError(E_BAD_BODY, "each checkpoint must be a map")
+    state = _blob(item, "state", limits.max_checkpoint_bytes, "max_checkpoint_bytes")
     if state is None:
         raise ProtocolError(E_BAD_BODY, "field 'state' is missing")
     return Checkpoint(
-        seq=_count(body, "seq"),
-        id=_count(body, "id"),
-        attempt=_count(body, "attempt"),
-        number=_count(body, "number"),
+        id=_count(item, "id"),
+        attempt=_count(item, "attempt"),
+        number=_count(item, "number"),
         state=state,
+    )
+
+
+def decode_checkpoint(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Checkpoints:
+    return Checkpoints(
+        seq=_count(body, "seq"),
+        checkpoints=tuple(_checkpoint(item, limits) for item in _list(body, "checkpoints", limits)),
     )
 
 

@@ -106,6 +106,11 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     r.close()
 
 
+def _checkpoint(task_id: int, number: int, state: bytes) -> dict[str, object]:
+    """One checkpoint of attempt 1, as an item of a CHECKPOINT body."""
+    return {"id": task_id, "attempt": 1, "number": number, "state": state}
+
+
 def _lease_one(rig: Rig, max_attempts: int, t: float) -> tuple[Peer, int]:
     """A worker w1 registered at time t, holding attempt 1 of one new task."""
     worker = rig.peer(b"w1", p.PROTOCOL_WORKER)
@@ -125,12 +130,12 @@ def test_a_checkpoint_of_a_lost_lease_is_not_acknowledged_as_stored(rig: Rig) ->
     # past the liveness window, so the lease was lost and the task queued again
     broker = rig.broker
     worker, task_id = _lease_one(rig, max_attempts=5, t=1000.0)
-    worker.send(p.CHECKPOINT, {"seq": 2, "id": task_id, "attempt": 1, "number": 1, "state": b"1"})
+    worker.send(p.CHECKPOINT, {"seq": 2, "checkpoints": [_checkpoint(task_id, 1, b"1")]})
     assert worker.expect(p.ACK, 1000.0)["stale"] == []
     broker.poll_once(now=1001.0, timeout_s=0)
     assert broker.store.outcome(task_id)["state"] == p.QUEUED
     # When the worker's late checkpoint 2 of attempt 1 arrives (no worker leased it again)
-    worker.send(p.CHECKPOINT, {"seq": 3, "id": task_id, "attempt": 1, "number": 2, "state": b"2"})
+    worker.send(p.CHECKPOINT, {"seq": 3, "checkpoints": [_checkpoint(task_id, 2, b"2")]})
     ack = worker.expect(p.ACK, 1001.0)
     # Then the ACK must not claim it durable: it is not in the log, and the next
     # attempt will start from checkpoint 1 (chaos seed 1, 15 s: task 1601)

@@ -442,19 +442,25 @@ def test_task_is_dead_lettered_when_attempts_run_out(broker, ctx):
     assert state == "dead" and "2 of 2 attempts" in error
 
 
+def checkpoints(task_id: int, attempt: int, *numbered: tuple[int, Any]) -> dict[str, Any]:
+    """A CHECKPOINT body (without seq) of one task: (number, state) pairs."""
+    items = [
+        {"id": task_id, "attempt": attempt, "number": n, "state": p.pack(s)} for n, s in numbered
+    ]
+    return {"checkpoints": items}
+
+
 def test_checkpoint_is_stored_numbered_and_handed_to_the_next_attempt(broker, ctx):
     c = client(ctx, broker)
     w1 = worker(ctx, broker, 0.0, b"w1", capacity=1)
     (task_id,) = submit(c, broker, 0.0, [task()])
     w1.expect(broker, 0.0, p.TASK)
-    seq = w1.request(
-        p.CHECKPOINT, {"id": task_id, "attempt": 1, "number": 1, "state": p.pack(1000)}
-    )
+    seq = w1.request(p.CHECKPOINT, checkpoints(task_id, 1, (1, 1000)))
     assert w1.expect(broker, 0.0, p.ACK) == {"seq": seq, "stale": []}
     # A lower number never overwrites a higher one
-    w1.request(p.CHECKPOINT, {"id": task_id, "attempt": 1, "number": 2, "state": p.pack(2000)})
+    w1.request(p.CHECKPOINT, checkpoints(task_id, 1, (2, 2000)))
     w1.expect(broker, 0.0, p.ACK)
-    w1.request(p.CHECKPOINT, {"id": task_id, "attempt": 1, "number": 1, "state": p.pack(1000)})
+    w1.request(p.CHECKPOINT, checkpoints(task_id, 1, (1, 1000)))
     w1.expect(broker, 0.0, p.ACK)
     assert db_rows(broker, "SELECT checkpoint, checkpoint_no FROM tasks") == [(p.pack(2000), 2)]
     # When w1 dies, w2's attempt starts from checkpoint 2
@@ -463,9 +469,32 @@ def test_checkpoint_is_stored_numbered_and_handed_to_the_next_attempt(broker, ct
     got = w2.expect(broker, later, p.TASK)["tasks"][0]
     assert (got["attempt"], got["state"], got["number"]) == (2, p.pack(2000), 2)
     # And a checkpoint from the superseded attempt is refused
-    w1.request(p.CHECKPOINT, {"id": task_id, "attempt": 1, "number": 3, "state": p.pack(3)})
+    w1.request(p.CHECKPOINT, checkpoints(task_id, 1, (3, 3)))
     assert w1.expect(broker, later, p.ACK)["stale"] == [task_id]
     assert db_rows(broker, "SELECT checkpoint_no FROM tasks") == [(2,)]
+
+
+def test_one_checkpoint_message_carries_many_tasks_and_names_only_the_stale(broker, ctx):
+    # Given a worker running two tasks, and a third task id that does not exist
+    c = client(ctx, broker)
+    w1 = worker(ctx, broker, 0.0, b"w1", capacity=2)
+    first, second = submit(c, broker, 0.0, [task(), task()])
+    w1.expect(broker, 0.0, p.TASK)
+    # When one CHECKPOINT carries a checkpoint of each, two of the first, and one of the stranger
+    body = checkpoints(first, 1, (1, "a1"), (2, "a2"))
+    body["checkpoints"] += checkpoints(second, 1, (1, "b1"))["checkpoints"]
+    body["checkpoints"] += checkpoints(second + 100, 1, (1, "x"))["checkpoints"]
+    seq = w1.request(p.CHECKPOINT, body)
+    # Then one ACK answers it, naming only the stranger stale, and each task keeps its last
+    assert w1.expect(broker, 0.0, p.ACK) == {"seq": seq, "stale": [second + 100]}
+    rows = db_rows(broker, "SELECT id, checkpoint, checkpoint_no FROM tasks ORDER BY id")
+    assert rows == [(first, p.pack("a2"), 2), (second, p.pack("b1"), 1)]
+    events = db_rows(broker, "SELECT task_id, detail FROM events WHERE kind = 'checkpointed'")
+    assert sorted(events) == [
+        (first, "checkpoint 1"),
+        (first, "checkpoint 2"),
+        (second, "checkpoint 1"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -197,8 +197,8 @@ def expand(
         ]
     elif isinstance(request, p.Result):
         ledger.forged[p.RESULT] += sum(1 for o in request.results if o.id in good.expected)
-    elif isinstance(request, p.Checkpoint):
-        ledger.forged[p.CHECKPOINT] += request.id in good.expected
+    elif isinstance(request, p.Checkpoints):
+        ledger.forged[p.CHECKPOINT] += sum(1 for c in request.checkpoints if c.id in good.expected)
     return out
 
 

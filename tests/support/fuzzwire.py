@@ -188,6 +188,18 @@ held_lists = st.lists(id_attempts().map(list), max_size=4)
 
 
 @st.composite
+def checkpoints(draw: st.DrawFn) -> dict[str, Any]:
+    task_id, attempt = draw(id_attempts())
+    number = draw(st.one_of(st.integers(0, 8), st.integers(0, U63)))
+    return {
+        "id": task_id,
+        "attempt": attempt,
+        "number": number,
+        "state": draw(st.binary(max_size=16)),
+    }
+
+
+@st.composite
 def outcomes(draw: st.DrawFn) -> dict[str, Any]:
     task_id, attempt = draw(id_attempts())
     optional = {
@@ -238,13 +250,7 @@ FIELDS: dict[bytes, dict[str, st.SearchStrategy[Any]]] = {
     },
     p.HEARTBEAT: {"dseq": uints, "held": held_lists, "draining": st.booleans()},
     p.RESULT: {"seq": uints, "results": st.lists(outcomes(), max_size=4)},
-    p.CHECKPOINT: {
-        "seq": uints,
-        "id": refs,
-        "attempt": attempts,
-        "number": st.one_of(st.integers(0, 8), st.integers(0, U63)),
-        "state": st.binary(max_size=16),
-    },
+    p.CHECKPOINT: {"seq": uints, "checkpoints": st.lists(checkpoints(), max_size=4)},
     p.DISCONNECT: {"reason": st.text(max_size=20)},
 }
 PROTOCOL_OF = {cmd: p.PROTOCOL_CLIENT for cmd in p.CLIENT_TO_BROKER} | {
@@ -268,8 +274,6 @@ def shaped_messages(
         command = draw(st.sampled_from(sorted(FIELDS)))
     fields = FIELDS[command]
     body = draw(st.fixed_dictionaries(fields))
-    if command == p.CHECKPOINT:
-        body["id"], body["attempt"] = draw(id_attempts())
     names = [*fields, "unknown_field"]
     damage = draw(st.lists(st.tuples(st.sampled_from(names), bad_values), max_size=2))
     protocol = PROTOCOL_OF[command]

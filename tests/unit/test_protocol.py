@@ -72,7 +72,13 @@ def result_body() -> dict[str, Any]:
 
 
 def checkpoint_body() -> dict[str, Any]:
-    return {"seq": 2, "id": 42, "attempt": 2, "number": 4, "state": STATE}
+    return {
+        "seq": 2,
+        "checkpoints": [
+            {"id": 42, "attempt": 2, "number": 4, "state": STATE},
+            {"id": 43, "attempt": 1, "number": 1, "state": p.pack(None)},
+        ],
+    }
 
 
 def dispatch_body() -> dict[str, Any]:
@@ -286,8 +292,14 @@ def test_result_retry_defaults_to_true_and_long_errors_are_cut() -> None:
 
 def test_checkpoint_round_trip() -> None:
     body = checkpoint_body()
-    checkpoint = p.decode_checkpoint(received(p.PROTOCOL_WORKER, p.CHECKPOINT, body).body)
-    assert checkpoint == p.Checkpoint(seq=2, id=42, attempt=2, number=4, state=STATE)
+    checkpoints = p.decode_checkpoint(received(p.PROTOCOL_WORKER, p.CHECKPOINT, body).body)
+    assert checkpoints == p.Checkpoints(
+        seq=2,
+        checkpoints=(
+            p.Checkpoint(id=42, attempt=2, number=4, state=STATE),
+            p.Checkpoint(id=43, attempt=1, number=1, state=p.pack(None)),
+        ),
+    )
 
 
 def test_disconnect_round_trip_and_defaults() -> None:
@@ -409,7 +421,7 @@ def test_limits_at_the_boundary_are_accepted() -> None:
     # When decoded, Then nothing is rejected
     assert len(p.decode_submit({"seq": 1, "tasks": [task, task]}, limits).tasks) == 2
     assert len(p.decode_result({"seq": 1, "results": [ok, ok]}, limits).results) == 2
-    p.decode_checkpoint({**checkpoint_body(), "state": b"s" * 8}, limits)
+    assert len(p.decode_checkpoint(checkpoint_with(state=b"s" * 8)(), limits).checkpoints) == 2
     assert p.decode_history({"seq": 2**63 - 1, "id": 0}).seq == 2**63 - 1
     total = sum(map(len, [PEER, *p.frames(p.PROTOCOL_CLIENT, p.STATUS, {"seq": 1})]))
     p.open_envelope([PEER, *p.frames(p.PROTOCOL_CLIENT, p.STATUS, {"seq": 1})], p.Limits(total))
@@ -598,46 +610,38 @@ def with_(make: Callable[[], dict[str, Any]], **changes: Any) -> Callable[[], di
     return build
 
 
-def task_with(**changes: Any) -> Callable[[], dict[str, Any]]:
+def first_item_with(
+    make: Callable[[], dict[str, Any]], items: str, **changes: Any
+) -> Callable[[], dict[str, Any]]:
+    """A body factory: the good body with fields of its first `items` entry replaced or removed."""
+
     def build() -> dict[str, Any]:
-        body = submit_body()
-        task = body["tasks"][0]
+        body = make()
+        item = body[items][0]
         for name, value in changes.items():
             if value is ...:
-                task.pop(name)
+                item.pop(name)
             else:
-                task[name] = value
+                item[name] = value
         return body
 
     return build
+
+
+def task_with(**changes: Any) -> Callable[[], dict[str, Any]]:
+    return first_item_with(submit_body, "tasks", **changes)
 
 
 def outcome_with(**changes: Any) -> Callable[[], dict[str, Any]]:
-    def build() -> dict[str, Any]:
-        body = result_body()
-        item = body["results"][0]
-        for name, value in changes.items():
-            if value is ...:
-                item.pop(name)
-            else:
-                item[name] = value
-        return body
+    return first_item_with(result_body, "results", **changes)
 
-    return build
+
+def checkpoint_with(**changes: Any) -> Callable[[], dict[str, Any]]:
+    return first_item_with(checkpoint_body, "checkpoints", **changes)
 
 
 def assignment_with(**changes: Any) -> Callable[[], dict[str, Any]]:
-    def build() -> dict[str, Any]:
-        body = dispatch_body()
-        item = body["tasks"][0]
-        for name, value in changes.items():
-            if value is ...:
-                item.pop(name)
-            else:
-                item[name] = value
-        return body
-
-    return build
+    return first_item_with(dispatch_body, "tasks", **changes)
 
 
 B = p.E_BAD_BODY
@@ -730,12 +734,16 @@ BAD_FIELDS = [
     ("result", outcome_with(value="640x480"), B, "'value' has the wrong type"),
     ("result", outcome_with(error=b"boom"), B, "'error' has the wrong type"),
     ("result", outcome_with(retry=0), B, "'retry' has the wrong type"),
-    ("checkpoint", with_(checkpoint_body, state=...), B, "'state' is missing"),
-    ("checkpoint", with_(checkpoint_body, state="{}"), B, "'state' has the wrong type"),
-    ("checkpoint", with_(checkpoint_body, number=-1), B, "'number' is out of range"),
-    ("checkpoint", with_(checkpoint_body, number=...), B, "'number' is missing"),
-    ("checkpoint", with_(checkpoint_body, id=True), B, "'id' has the wrong type"),
-    ("checkpoint", with_(checkpoint_body, attempt=None), B, "'attempt' has the wrong type"),
+    ("checkpoint", with_(checkpoint_body, checkpoints=...), B, "'checkpoints' is missing"),
+    ("checkpoint", with_(checkpoint_body, checkpoints={}), B, "'checkpoints' has the wrong type"),
+    ("checkpoint", with_(checkpoint_body, checkpoints=[7]), B, "each checkpoint must be a map"),
+    ("checkpoint", checkpoint_with(state=...), B, "'state' is missing"),
+    ("checkpoint", checkpoint_with(state="{}"), B, "'state' has the wrong type"),
+    ("checkpoint", checkpoint_with(number=-1), B, "'number' is out of range"),
+    ("checkpoint", checkpoint_with(number=...), B, "'number' is missing"),
+    ("checkpoint", checkpoint_with(number=True), B, "'number' has the wrong type"),
+    ("checkpoint", checkpoint_with(id=True), B, "'id' has the wrong type"),
+    ("checkpoint", checkpoint_with(attempt=None), B, "'attempt' has the wrong type"),
     ("disconnect", lambda: {"reason": 1}, B, "'reason' has the wrong type"),
     ("dispatch", with_(dispatch_body, dseq=...), B, "'dseq' is missing"),
     ("dispatch", with_(dispatch_body, tasks=None), B, "'tasks' has the wrong type"),
@@ -824,9 +832,15 @@ def test_ids_at_the_top_of_the_range_are_accepted() -> None:
         ),
         pytest.param(
             p.decode_checkpoint,
-            with_(checkpoint_body, state=b"123456789")(),
+            checkpoint_with(state=b"123456789")(),
             "max_checkpoint_bytes",
             id="checkpoint",
+        ),
+        pytest.param(
+            p.decode_checkpoint,
+            {"seq": 1, "checkpoints": checkpoint_body()["checkpoints"] * 2},
+            "max_batch",
+            id="checkpoint-batch",
         ),
         pytest.param(
             p.decode_submit,

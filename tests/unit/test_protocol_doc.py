@@ -142,7 +142,7 @@ DECODED: dict[str, tuple[type, ...]] = {
     "READY": (p.Ready,),
     "HEARTBEAT": (p.WorkerHeartbeat,),
     "RESULT": (p.Result, p.TaskOutcome),
-    "CHECKPOINT": (p.Checkpoint,),
+    "CHECKPOINT": (p.Checkpoints, p.Checkpoint),
     "DISCONNECT": (p.WorkerDisconnect,),
     "TASK": (p.Dispatch, p.Assignment),
     "WELCOME": (p.Welcome,),

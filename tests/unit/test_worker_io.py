@@ -154,15 +154,15 @@ def test_checkpoint_blocks_until_the_broker_acks(broker: FakeBroker, start: Star
     start()
     broker.register()
     broker.dispatch(assignment(4, "wt.checkpoint", "after-ckpt", attempt=1))
-    checkpoint = broker.recv(protocol.CHECKPOINT)
+    seq, checkpoint = broker.checkpoint()
     assert (checkpoint["id"], checkpoint["attempt"], checkpoint["number"]) == (4, 1, 1)
     assert protocol.unpack(checkpoint["state"]) == {"step": 1}
     # While unacknowledged, the task waits inside ctx.checkpoint() (resends may come)
     for command, body in broker.pump(0.4):
-        assert command == protocol.CHECKPOINT and body["seq"] == checkpoint["seq"]
+        assert command == protocol.CHECKPOINT and body["seq"] == seq
     assert not worker_tasks.gate("after-ckpt").is_set(), "the task went on before the ACK"
     # When the broker ACKs, the task continues
-    broker.ack(checkpoint["seq"])
+    broker.ack(seq)
     assert worker_tasks.gate("after-ckpt").wait(5)
     while True:  # a resend of the CHECKPOINT may still be on the wire
         got = broker._next(time.monotonic() + 5)
@@ -177,11 +177,11 @@ def test_a_resumed_task_sees_its_state_and_numbers_on(broker: FakeBroker, start:
     start()
     broker.register()
     broker.dispatch(assignment(9, "wt.resume", attempt=2, state={"i": 5}, number=5))
-    checkpoint = broker.recv(protocol.CHECKPOINT)
+    seq, checkpoint = broker.checkpoint()
     assert (checkpoint["attempt"], checkpoint["number"]) == (2, 6)
     assert protocol.unpack(checkpoint["state"]) == {"i": 6}
     # The broker says the attempt is superseded: the task is told, not killed
-    broker.ack(checkpoint["seq"], stale=[9])
+    broker.ack(seq, stale=[9])
     _, results = broker.result()
     assert protocol.unpack(results[9]["value"]) == {
         "seen": {"i": 5},

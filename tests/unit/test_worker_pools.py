@@ -60,11 +60,11 @@ def test_checkpoints_travel_from_the_child_and_block_it(
 ) -> None:
     broker.register()
     broker.dispatch(assignment(3, "wt.resume", state={"i": 1}, number=1))
-    checkpoint = broker.recv(protocol.CHECKPOINT, timeout_s=30)
+    seq, checkpoint = broker.checkpoint(timeout_s=30)
     assert checkpoint["number"] == 2 and protocol.unpack(checkpoint["state"]) == {"i": 2}
     for command, _ in broker.pump(0.3):
         assert command == protocol.CHECKPOINT, "the child went on before the ACK"
-    broker.ack(checkpoint["seq"])
+    broker.ack(seq)
     deadline = time.monotonic() + 10
     while True:
         got = broker._next(deadline)

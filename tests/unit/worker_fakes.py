@@ -129,6 +129,12 @@ class FakeBroker:
         body = self.recv(protocol.RESULT, timeout_s)
         return body["seq"], {r["id"]: r for r in body["results"]}
 
+    def checkpoint(self, timeout_s: float = 5.0) -> tuple[int, dict[str, Any]]:
+        """The next CHECKPOINT, which must carry one checkpoint: its seq and that item."""
+        body = self.recv(protocol.CHECKPOINT, timeout_s)
+        (item,) = body["checkpoints"]
+        return body["seq"], item
+
     def results_acked(self, count: int) -> dict[int, dict[str, Any]]:
         """Outcomes of `count` tasks, each RESULT ACKed as it arrives: task id -> outcome."""
         done: dict[int, dict[str, Any]] = {}

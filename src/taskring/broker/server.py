@@ -616,17 +616,25 @@ class Broker:
     def _on_checkpoint(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_checkpoint(envelope.body, self.limits)
         name = _name(envelope.identity)
-        lease = self._current(request.id, request.attempt, name)
         stale = []
-        if lease is None:
-            if self._refuse(
-                request.id, request.attempt, name, "checkpoint", wall, number=request.number
-            ):
-                stale.append(request.id)
-        elif request.number > lease.job.checkpoint_no:  # equal: a resend, already applied
-            job = lease.job
-            self.store.checkpoint(job.id, job.attempt, name, request.number, request.state, wall)
-            job.checkpoint, job.checkpoint_no = request.state, request.number
+        for checkpoint in request.checkpoints:
+            lease = self._current(checkpoint.id, checkpoint.attempt, name)
+            if lease is None:
+                if self._refuse(
+                    checkpoint.id,
+                    checkpoint.attempt,
+                    name,
+                    "checkpoint",
+                    wall,
+                    number=checkpoint.number,
+                ):
+                    stale.append(checkpoint.id)
+            elif checkpoint.number > lease.job.checkpoint_no:  # equal: a resend, already applied
+                job = lease.job
+                self.store.checkpoint(
+                    job.id, job.attempt, name, checkpoint.number, checkpoint.state, wall
+                )
+                job.checkpoint, job.checkpoint_no = checkpoint.state, checkpoint.number
         self._ack(envelope.identity, request.seq, stale)
         self._registered(envelope.identity, now)
 

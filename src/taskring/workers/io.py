@@ -81,8 +81,8 @@ class IOLoop:
         self._outstanding = Outstanding(self._backoff())
         self._results: dict[int, list[tuple[Key, bool]]] = {}  # RESULT seq -> (lease, ok)
         self._journal = journal
-        # CHECKPOINT seq -> (waiter, task id, attempt, number)
-        self._waiters: dict[int, tuple[Waiter, int, int, int]] = {}
+        # CHECKPOINT seq -> the checkpoints it carries, whose tasks wait for its ACK
+        self._waiters: dict[int, list[CheckpointRequest]] = {}
         self._finished: list[TaskOutcome] = []  # this turn's outcomes, sent as one RESULT
         self.held: dict[Key, None] = {}  # ordered set: running, or result not yet ACKed
         self.running: set[Key] = set()  # handed to the pool, outcome not yet back
@@ -380,12 +380,13 @@ class IOLoop:
             if ack.stale:
                 log.info("results of superseded attempts recorded, not applied: %s", ack.stale)
             return
-        entry = self._waiters.pop(ack.seq, None)
-        if entry is not None:
-            waiter, task_id, attempt, number = entry
+        for request in self._waiters.pop(ack.seq, []):
+            stale = request.task_id in ack.stale
             if self._journal is not None:
-                self._journal.checkpoint(task_id, attempt, number, stale=task_id in ack.stale)
-            waiter.done(stale=task_id in ack.stale)
+                self._journal.checkpoint(
+                    request.task_id, request.attempt, request.number, stale=stale
+                )
+            request.waiter.done(stale=stale)
 
     def _on_error(self, body: dict[str, Any], now: float) -> None:
         code, message, seq = str(body.get("code")), str(body.get("message")), body.get("seq")
@@ -399,32 +400,35 @@ class IOLoop:
         for key, _ok in self._results.pop(seq, []):
             log.error("broker rejected the result of task %s attempt %s; dropped", *key)
             self.held.pop(key, None)
-        entry = self._waiters.pop(seq, None)
-        if entry is not None:
-            entry[0].fail(RequestRejected(code, message))
+        for request in self._waiters.pop(seq, []):
+            request.waiter.fail(RequestRejected(code, message))
 
     # ------------------------------------------------------------ task side, on the loop
 
     def _take_inbox(self, now: float) -> None:
+        checkpoints = []
         for item in self.inbox.take():
             if isinstance(item, TaskOutcome):
                 self.running.discard((item.id, item.attempt))
                 self._finished.append(item)
             elif isinstance(item, CheckpointRequest):
-                seq = self._outstanding.next_seq()
-                body = {
-                    "seq": seq,
-                    "id": item.task_id,
-                    "attempt": item.attempt,
-                    "number": item.number,
-                    "state": item.state,
-                }
-                frames = protocol.frames(PROTOCOL_WORKER, protocol.CHECKPOINT, body)
-                self._outstanding.add(seq, frames, now)
-                self._waiters[seq] = (item.waiter, item.task_id, item.attempt, item.number)
-                self._send(frames)
+                checkpoints.append(item)
+        for batch in protocol.split_by_size(checkpoints, _checkpoint_bytes, self.limits):
+            self._send_checkpoints(batch, now)
         if self._finished:
             self._send_results(now)
+
+    def _send_checkpoints(self, batch: list[CheckpointRequest], now: float) -> None:
+        seq = self._outstanding.next_seq()
+        items = [
+            {"id": c.task_id, "attempt": c.attempt, "number": c.number, "state": c.state}
+            for c in batch
+        ]
+        body = {"seq": seq, "checkpoints": items}
+        frames = protocol.frames(PROTOCOL_WORKER, protocol.CHECKPOINT, body)
+        self._outstanding.add(seq, frames, now)
+        self._waiters[seq] = batch
+        self._send(frames)
 
     def _send_results(self, now: float) -> None:
         """All of this turn's outcomes in one RESULT, split only by the message limits."""
@@ -461,8 +465,9 @@ class IOLoop:
         for item in self.inbox.close():
             if isinstance(item, CheckpointRequest):
                 item.waiter.fail(stopped)
-        for waiter, *_ in self._waiters.values():
-            waiter.fail(stopped)
+        for batch in self._waiters.values():
+            for request in batch:
+                request.waiter.fail(stopped)
         self._waiters.clear()
         if self._socket is not None:
             if disconnect:
@@ -472,6 +477,10 @@ class IOLoop:
             # A bounded linger gives the DISCONNECT its chance without risking a hang.
             self._socket.close(linger=int(linger_s * 1000))
             self._socket = None
+
+
+def _checkpoint_bytes(request: CheckpointRequest) -> int:
+    return len(request.state) + 64
 
 
 def _outcome_bytes(outcome: TaskOutcome) -> int:
