@@ -196,15 +196,18 @@ def status_probe(
 class Taskring:
     """A broker and workers as `python -m taskring` children, on a loopback TCP port."""
 
-    def __init__(self, children: Children, *, synchronous: str = "full") -> None:
+    def __init__(
+        self, children: Children, *, synchronous: str = "full", launcher: Sequence[str] = TASKRING
+    ) -> None:
         self.children = children
         self.synchronous = synchronous
+        self.launcher = list(launcher)  # the command before `broker ...` or `worker ...`
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.broker: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
 
     def start_broker(self, db: Path, *, wait: bool = True) -> subprocess.Popen[bytes]:
-        argv = [*TASKRING, "broker", "--endpoint", self.endpoint, "--db", str(db)]
+        argv = [*self.launcher, "broker", "--endpoint", self.endpoint, "--db", str(db)]
         argv += ["--synchronous", self.synchronous, "--log-level", "warning"]
         self.broker = self.children.start("broker", argv)
         if wait:
@@ -216,7 +219,8 @@ class Taskring:
     ) -> list[subprocess.Popen[bytes]]:
         for _ in range(count):
             name = f"bench-worker-{len(self.workers) + 1}"
-            argv = [*TASKRING, "worker", "bench_tasks", "--endpoint", self.endpoint, "--name", name]
+            argv = [*self.launcher, "worker", "bench_tasks", "--endpoint", self.endpoint]
+            argv += ["--name", name]
             argv += ["--concurrency", str(concurrency), "--prefetch", str(prefetch)]
             argv += ["--log-level", "warning"]
             self.workers.append(self.children.start(name, argv))
