@@ -178,26 +178,37 @@ def _reject_timestamps(value: Any) -> None:
 
 
 def split_by_size(
-    items: Sequence[T], size: Callable[[T], int], limits: Limits = DEFAULT_LIMITS
+    items: Sequence[T],
+    size: Callable[[T], int],
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    task_id: Callable[[T], int] | None = None,
 ) -> list[list[T]]:
     """Items in messages of at most max_batch of them and about half of max_message_bytes.
 
     `size` estimates an item's bytes on the wire. The other half of the limit
     is left for the envelope and msgpack's framing; an item larger than the
-    budget travels alone. TASK, RESULT and NOTIFY are split this way.
+    budget travels alone. TASK, RESULT, CHECKPOINT and NOTIFY are split this
+    way. With `task_id`, no message holds two items of one task: an ACK's
+    `stale` names task ids, and a worker may hold two attempts of a task.
     """
     if not items:
         return []
     budget = limits.max_message_bytes // 2
     chunks: list[list[T]] = [[]]
     used = 0
+    ids: set[int] = set()
     for item in items:
         cost = size(item)
-        if chunks[-1] and (len(chunks[-1]) >= limits.max_batch or used + cost > budget):
+        repeated = task_id is not None and task_id(item) in ids
+        if chunks[-1] and (len(chunks[-1]) >= limits.max_batch or used + cost > budget or repeated):
             chunks.append([])
             used = 0
+            ids.clear()
         chunks[-1].append(item)
         used += cost
+        if task_id is not None:
+            ids.add(task_id(item))
     return chunks
 
 

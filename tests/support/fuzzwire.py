@@ -189,14 +189,18 @@ held_lists = st.lists(id_attempts().map(list), max_size=4)
 
 @st.composite
 def checkpoints(draw: st.DrawFn) -> dict[str, Any]:
+    """One item of a CHECKPOINT: well-typed, or now and then with one field broken."""
     task_id, attempt = draw(id_attempts())
     number = draw(st.one_of(st.integers(0, 8), st.integers(0, U63)))
-    return {
+    item = {
         "id": task_id,
         "attempt": attempt,
         "number": number,
         "state": draw(st.binary(max_size=16)),
     }
+    if draw(st.integers(0, 7)) == 0:
+        item[draw(st.sampled_from([*item, "unknown_field"]))] = draw(bad_values)
+    return item
 
 
 @st.composite

@@ -1034,3 +1034,11 @@ def test_split_by_size_bounds_count_and_bytes_and_lets_a_large_item_travel_alone
     chunks = p.split_by_size(sizes, lambda n: n, limits)
     assert chunks == [[100, 100, 100], [100, 300], [300], [2000], [10]]
     assert p.split_by_size([], lambda n: n, limits) == []
+
+
+def test_split_by_size_never_puts_two_items_of_one_task_in_a_message() -> None:
+    # (task id, attempt): a worker may hold two attempts of one task, and an ACK's
+    # stale list names task ids only
+    items = [(7, 1), (8, 1), (7, 2), (9, 1), (9, 2), (9, 3)]
+    chunks = p.split_by_size(items, lambda _: 10, task_id=lambda item: item[0])
+    assert chunks == [[(7, 1), (8, 1)], [(7, 2), (9, 1)], [(9, 2)], [(9, 3)]]

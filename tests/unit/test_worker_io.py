@@ -17,6 +17,9 @@ from tests.unit import worker_tasks
 from tests.unit.worker_fakes import FakeBroker, WorkerThread, assignment, settings
 
 from taskring import protocol
+from taskring.errors import RequestRejected
+from taskring.protocol import TaskOutcome
+from taskring.workers.inbox import CheckpointRequest, Waiter
 from taskring.workers.io import IOLoop
 
 Start = Callable[..., WorkerThread]
@@ -335,3 +338,120 @@ def test_the_loop_steps_on_a_fake_clock_and_backs_off_reconnects() -> None:
     finally:
         io.close(disconnect=False)
         context.destroy(linger=0)
+
+
+# ---------------------------------------------------------------- batches, stepped by hand
+
+
+Stepped = tuple[FakeBroker, IOLoop]
+
+
+@pytest.fixture
+def stepped() -> Iterator[Stepped]:
+    """A fake broker, and an I/O loop registered with it whose tasks never run (items are
+    injected). A 2 s heartbeat: nothing is resent, and no beat arrives, while a test runs."""
+    broker = FakeBroker(heartbeat_s=2.0, liveness=5)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    io = IOLoop(
+        context, settings(endpoint=broker.endpoint), "stepped", {"wt.add": 3}, lambda a: None
+    )
+    try:
+        io.poll_once(timeout_s=0)  # connects and sends READY
+        broker.register()
+        step_until(io, lambda: io.welcomed)
+        yield broker, io
+    finally:
+        io.close(disconnect=False)
+        context.destroy(linger=0)
+        broker.close()
+
+
+def step_until(io: IOLoop, done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not done():
+        assert time.monotonic() < deadline, "the stepped loop did not get there in 5 s"
+        io.poll_once(timeout_s=0.05)
+
+
+def checkpoint_request(task_id: int, attempt: int) -> CheckpointRequest:
+    return CheckpointRequest(task_id, attempt, 1, protocol.pack(attempt), Waiter())
+
+
+def outcome(task_id: int, attempt: int) -> TaskOutcome:
+    return TaskOutcome(task_id, attempt, True, protocol.pack(None), None, True)
+
+
+def items_of(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checkpoints of a CHECKPOINT, or the outcomes of a RESULT."""
+    items: list[dict[str, Any]] = body.get("checkpoints", body.get("results", []))
+    return items
+
+
+def test_two_attempts_of_one_task_never_share_a_message(stepped: Stepped) -> None:
+    broker, io = stepped
+    # Given a worker that holds attempts 1 and 2 of task 7 (its lease of attempt 1
+    # was lost and the task came back to it), both checkpointing at once
+    first, second, other = (
+        checkpoint_request(7, 1),
+        checkpoint_request(7, 2),
+        checkpoint_request(8, 1),
+    )
+    for item in (first, second, other):
+        io.inbox.put(item)
+    for item in (outcome(7, 1), outcome(7, 2), outcome(8, 1)):
+        io.inbox.put(item)
+    # When the loop sends them
+    io.poll_once(timeout_s=0)
+    messages = broker.pump(0.3)
+    # Then no CHECKPOINT or RESULT names one task twice, since an ACK's stale list names ids
+    sent: dict[bytes, list[list[tuple[int, int]]]] = {protocol.CHECKPOINT: [], protocol.RESULT: []}
+    for command, body in messages:
+        sent[command].append([(i["id"], i["attempt"]) for i in items_of(body)])
+    for command, batches in sent.items():
+        assert sorted(p for batch in batches for p in batch) == [(7, 1), (7, 2), (8, 1)], command
+        assert all(len({i for i, _ in batch}) == len(batch) for batch in batches), command
+    # And an ACK calling task 7 stale in attempt 1's message leaves attempt 2 current
+    for command, body in messages:
+        if command == protocol.CHECKPOINT:
+            broker.ack(body["seq"], stale=[7] if items_of(body)[0]["attempt"] == 1 else [])
+    step_until(io, lambda: not io._waiters)
+    assert (first.waiter.wait(), second.waiter.wait(), other.waiter.wait()) == (True, False, False)
+
+
+def test_a_rejected_batch_goes_again_item_by_item_so_only_the_bad_item_fails(
+    stepped: Stepped,
+) -> None:
+    broker, io = stepped
+    # Given two checkpoints and two results in one message each
+    good, bad = checkpoint_request(1, 1), checkpoint_request(2, 1)
+    io.inbox.put(good)
+    io.inbox.put(bad)
+    io.inbox.put(outcome(3, 1))
+    io.inbox.put(outcome(4, 1))
+    io.poll_once(timeout_s=0)
+    messages = broker.pump(0.3)
+    assert [c for c, _ in messages] == [protocol.CHECKPOINT, protocol.RESULT]
+    # When the broker rejects both messages for good (one item over its limits)
+    for _, body in messages:
+        broker.send(protocol.ERROR, {"seq": body["seq"], "code": "too-large", "message": "big"})
+    step_until(io, lambda: io.unacked == 4)
+    # Then each item goes again in a message of its own
+    again = broker.pump(0.3)
+    singles = sorted((c, *[i["id"] for i in items_of(body)]) for c, body in again)
+    assert singles == [
+        (protocol.CHECKPOINT, 1),
+        (protocol.CHECKPOINT, 2),
+        (protocol.RESULT, 3),
+        (protocol.RESULT, 4),
+    ]
+    # And when only task 2's checkpoint is rejected again, only its task hears of it
+    for command, body in again:
+        if command == protocol.CHECKPOINT and items_of(body)[0]["id"] == 2:
+            broker.send(protocol.ERROR, {"seq": body["seq"], "code": "too-large", "message": "big"})
+        else:
+            broker.ack(body["seq"])
+    step_until(io, lambda: not io._waiters)
+    assert good.waiter.wait() is False
+    with pytest.raises(RequestRejected, match="too-large"):
+        bad.waiter.wait()
+    assert io.unacked == 0

@@ -79,6 +79,32 @@ def test_checkpoints_travel_from_the_child_and_block_it(
     }
 
 
+def test_a_checkpoint_the_broker_rejects_fails_the_task_in_the_child(
+    broker: FakeBroker, worker: WorkerThread
+) -> None:
+    broker.register()
+    broker.dispatch(assignment(4, "wt.resume", state={"i": 1}, number=1))
+    seq, _ = broker.checkpoint(timeout_s=30)
+    # When the broker rejects the checkpoint for good
+    broker.send(protocol.ERROR, {"seq": seq, "code": "too-large", "message": "state too big"})
+    # Then ctx.checkpoint() raises in the child, as in a thread, and the task fails
+    # (the relay thread used to die on it, leaving the child waiting forever)
+    deadline = time.monotonic() + 10
+    while True:
+        got = broker._next(deadline)
+        assert got is not None, "no RESULT after the rejected checkpoint"
+        if got[0] == protocol.RESULT:
+            break
+    (outcome,) = got[1]["results"]
+    assert outcome["ok"] is False
+    assert "RequestRejected" in outcome["error"] and "too-large" in outcome["error"]
+    # ... and the child runs the next task
+    broker.ack(got[1]["seq"])
+    broker.dispatch(assignment(5, "wt.add", 2, 3))
+    _, results = broker.result(timeout_s=30)
+    assert protocol.unpack(results[5]["value"]) == 5
+
+
 def test_the_process_pool_needs_modules() -> None:
     with pytest.raises(WorkerConfigError, match=r"needs settings\.modules"):
         ProcessPool(1, (), protocol.DEFAULT_LIMITS)

@@ -79,7 +79,7 @@ class IOLoop:
         self._heartbeat_s = settings.heartbeat_s
         self._liveness = settings.liveness
         self._outstanding = Outstanding(self._backoff())
-        self._results: dict[int, list[tuple[Key, bool]]] = {}  # RESULT seq -> (lease, ok)
+        self._results: dict[int, list[TaskOutcome]] = {}  # RESULT seq -> the outcomes it carries
         self._journal = journal
         # CHECKPOINT seq -> the checkpoints it carries, whose tasks wait for its ACK
         self._waiters: dict[int, list[CheckpointRequest]] = {}
@@ -371,12 +371,12 @@ class IOLoop:
     def _on_ack(self, ack: protocol.Ack) -> None:
         if self._outstanding.ack(ack.seq) is None:
             return  # an ACK of a resend we had already seen acknowledged
-        keys = self._results.pop(ack.seq, None)
-        if keys is not None:
-            for key, ok in keys:
-                self.held.pop(key, None)
+        outcomes = self._results.pop(ack.seq, None)
+        if outcomes is not None:
+            for o in outcomes:
+                self.held.pop((o.id, o.attempt), None)
                 if self._journal is not None:
-                    self._journal.result(*key, ok, stale=key[0] in ack.stale)
+                    self._journal.result(o.id, o.attempt, o.ok, stale=o.id in ack.stale)
             if ack.stale:
                 log.info("results of superseded attempts recorded, not applied: %s", ack.stale)
             return
@@ -397,11 +397,23 @@ class IOLoop:
         if code not in FATAL_CODES or type(seq) is not int or seq not in self._outstanding:
             return  # transient (or about no message of ours): the resend timer retries
         self._outstanding.ack(seq)
-        for key, _ok in self._results.pop(seq, []):
-            log.error("broker rejected the result of task %s attempt %s; dropped", *key)
-            self.held.pop(key, None)
-        for request in self._waiters.pop(seq, []):
-            request.waiter.fail(RequestRejected(code, message))
+        # One bad item rejects the whole message, and the same frames can only fail
+        # again. Each item of a rejected batch goes again alone, so that only the
+        # bad one fails (a broker with smaller limits than ours, say).
+        outcomes = self._results.pop(seq, [])
+        if len(outcomes) > 1:
+            for o in outcomes:
+                self._send_result([o], now)
+        elif outcomes:
+            (o,) = outcomes
+            log.error("broker rejected the result of task %s attempt %s; dropped", o.id, o.attempt)
+            self.held.pop((o.id, o.attempt), None)
+        checkpoints = self._waiters.pop(seq, [])
+        if len(checkpoints) > 1:
+            for request in checkpoints:
+                self._send_checkpoints([request], now)
+        elif checkpoints:
+            checkpoints[0].waiter.fail(RequestRejected(code, message))
 
     # ------------------------------------------------------------ task side, on the loop
 
@@ -413,7 +425,9 @@ class IOLoop:
                 self._finished.append(item)
             elif isinstance(item, CheckpointRequest):
                 checkpoints.append(item)
-        for batch in protocol.split_by_size(checkpoints, _checkpoint_bytes, self.limits):
+        for batch in protocol.split_by_size(
+            checkpoints, _checkpoint_bytes, self.limits, task_id=_checkpoint_task
+        ):
             self._send_checkpoints(batch, now)
         if self._finished:
             self._send_results(now)
@@ -432,7 +446,9 @@ class IOLoop:
 
     def _send_results(self, now: float) -> None:
         """All of this turn's outcomes in one RESULT, split only by the message limits."""
-        for batch in protocol.split_by_size(self._finished, _outcome_bytes, self.limits):
+        for batch in protocol.split_by_size(
+            self._finished, _outcome_bytes, self.limits, task_id=_outcome_task
+        ):
             self._send_result(batch, now)
         self._finished = []
 
@@ -451,7 +467,7 @@ class IOLoop:
         ]
         frames = protocol.frames(PROTOCOL_WORKER, protocol.RESULT, {"seq": seq, "results": results})
         self._outstanding.add(seq, frames, now)
-        self._results[seq] = [((o.id, o.attempt), o.ok) for o in batch]
+        self._results[seq] = batch
         self._send(frames)
 
     # ------------------------------------------------------------ shutdown
@@ -481,6 +497,14 @@ class IOLoop:
 
 def _checkpoint_bytes(request: CheckpointRequest) -> int:
     return len(request.state) + 64
+
+
+def _checkpoint_task(request: CheckpointRequest) -> int:
+    return request.task_id
+
+
+def _outcome_task(outcome: TaskOutcome) -> int:
+    return outcome.id
 
 
 def _outcome_bytes(outcome: TaskOutcome) -> int:

@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
 from taskring import protocol
+from taskring.errors import RequestRejected
 from taskring.protocol import Assignment, TaskOutcome
 from taskring.registry import TaskSpec, registered
 from taskring.workers.errors import WorkerConfigError, WorkerStopped
@@ -124,6 +125,8 @@ def child_main(conn: Connection, modules: tuple[str, ...]) -> None:
     def checkpoint(task_id: int, attempt: int, number: int, state: bytes) -> bool:
         _send(conn, ["ckpt", task_id, attempt, number, state])
         reply = _recv(conn)
+        if reply[0] == "rejected":
+            raise RequestRejected(str(reply[1]), str(reply[2]))
         if reply[0] != "ack":
             raise WorkerStopped("the worker stopped before the broker acknowledged the checkpoint")
         return bool(reply[1])
@@ -240,6 +243,8 @@ class _Slot:
                         reply = ["ack", sink.checkpoint(*message[1:5])]
                     except WorkerStopped:
                         reply = ["stopped"]
+                    except RequestRejected as e:  # raised in the task, as in a thread pool
+                        reply = ["rejected", e.code, e.message]
                     _send(conn, reply)
         except OSError:  # the pipe broke: the child is gone or going
             self.proc.kill()
