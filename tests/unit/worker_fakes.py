@@ -98,6 +98,14 @@ class FakeBroker:
             )
         return got[1]
 
+    def skip_to(self, command: bytes, timeout_s: float = 10.0) -> dict[str, Any]:
+        """The next `command`, skipping anything else (resends still on the wire, say)."""
+        deadline = time.monotonic() + timeout_s
+        while (got := self._next(deadline)) is not None:
+            if got[0] == command:
+                return got[1]
+        pytest.fail(f"the worker sent no {command.decode()} within {timeout_s} s")
+
     def pump(self, seconds: float) -> list[tuple[bytes, dict[str, Any]]]:
         """Everything (but heartbeats) the worker sends in the next `seconds`."""
         deadline = time.monotonic() + seconds
