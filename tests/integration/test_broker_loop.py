@@ -125,11 +125,13 @@ def worker(
     name: bytes = b"w1",
     capacity: int = 2,
     held: list[list[int]] | None = None,
+    tasks: tuple[str, ...] = ("t.add",),
 ) -> Peer:
     w = Peer(ctx, broker.endpoint, name, p.PROTOCOL_WORKER)
+    names = dict.fromkeys(tasks, 3)
     w.request(
         p.READY,
-        {"capacity": capacity, "tasks": {"t.add": 3}, "held": held or [], "pid": 1, "host": "h"},
+        {"capacity": capacity, "tasks": names, "held": held or [], "pid": 1, "host": "h"},
     )
     w.expect(broker, now, p.WELCOME)
     return w
@@ -495,6 +497,91 @@ def test_one_checkpoint_message_carries_many_tasks_and_names_only_the_stale(brok
         (first, "checkpoint 2"),
         (second, "checkpoint 1"),
     ]
+
+
+def tasks_sent(w: Peer, broker: Broker, now: float) -> list[tuple[int, str]]:
+    """(id, name) of every task in the TASK messages that reach `w` within a few turns."""
+    return [
+        (t["id"], t["name"]) for command, body in w.drain(broker, now) if command == p.TASK
+        for t in body["tasks"]
+    ]  # fmt: skip
+
+
+def test_a_task_goes_only_to_a_worker_that_runs_its_name(broker, ctx):
+    # Given two workers with room, each running a task name of its own
+    c = client(ctx, broker)
+    w_img = worker(ctx, broker, 0.0, b"w-img", capacity=4, tasks=("img.resize",))
+    w_mail = worker(ctx, broker, 0.0, b"w-mail", capacity=4, tasks=("mail.send",))
+    # When tasks of both names arrive, keyed and not (the ring alone would mix them)
+    keys = [None, "alice", "bob"]
+    ids = submit(c, broker, 0.0, [task("img.resize", key=k) for k in keys])
+    ids += submit(c, broker, 0.0, [task("mail.send", key=k) for k in keys])
+    # Then each worker is sent its own names, all of them, and nothing else
+    got = {w: tasks_sent(peer, broker, 0.0) for w, peer in (("img", w_img), ("mail", w_mail))}
+    assert sorted(got["img"]) == [(i, "img.resize") for i in ids[:3]]
+    assert sorted(got["mail"]) == [(i, "mail.send") for i in ids[3:]]
+
+
+def test_a_task_no_worker_runs_stays_queued_until_one_registers_its_name(broker, ctx):
+    # Given a worker that runs img.resize only
+    c = client(ctx, broker)
+    w_img = worker(ctx, broker, 0.0, b"w-img", capacity=4, tasks=("img.resize",))
+    # When pdf.render tasks arrive, before and after an img.resize task
+    first = submit(c, broker, 0.0, [task("pdf.render"), task("img.resize"), task("pdf.render")])
+    # Then the worker gets only its own task, and the others wait, queued (they used to be
+    # sent to it anyway, and failed there for good as an unknown task)
+    assert tasks_sent(w_img, broker, 0.0) == [(first[1], "img.resize")]
+    states = db_rows(broker, "SELECT id, state, attempt FROM tasks ORDER BY id")
+    assert states == [(first[0], "queued", 0), (first[1], "running", 1), (first[2], "queued", 0)]
+    # ... also when more arrive later
+    (later,) = submit(c, broker, 0.0, [task("pdf.render")])
+    assert tasks_sent(w_img, broker, 0.0) == []
+    # When a worker that runs pdf.render registers, it gets every one of them
+    w_pdf = worker(ctx, broker, 0.0, b"w-pdf", capacity=4, tasks=("pdf.render",))
+    got = tasks_sent(w_pdf, broker, 0.0)
+    assert sorted(got) == [
+        (first[0], "pdf.render"),
+        (first[2], "pdf.render"),
+        (later, "pdf.render"),
+    ]
+
+
+def test_many_tasks_no_worker_runs_hold_up_no_others_and_all_run_later(tmp_path, ctx):
+    # Given a broker that keeps 4 queued tasks in memory, the rest in SQLite
+    settings = BrokerSettings(
+        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "t.db"), queue_window=4
+    )
+    broker = Broker(settings, context=ctx)
+    try:
+        c = client(ctx, broker)
+        w_img = worker(ctx, broker, 0.0, b"w-img", capacity=8, tasks=("img.resize",))
+        # When 10 tasks nobody runs are queued ahead of 2 that w-img runs
+        waiting = submit(c, broker, 0.0, [task("pdf.render") for _ in range(10)])
+        mine = submit(c, broker, 0.0, [task("img.resize"), task("img.resize")])
+        # Then w-img gets its 2 all the same, a window's worth of skipping per turn
+        got = tasks_sent(w_img, broker, 0.0) + tasks_sent(w_img, broker, 0.0)
+        assert sorted(got) == [(i, "img.resize") for i in mine]
+        # And a worker that runs pdf.render later gets all 10, read again from the log
+        w_pdf = worker(ctx, broker, 0.0, b"w-pdf", capacity=10, tasks=("pdf.render",))
+        got = tasks_sent(w_pdf, broker, 0.0) + tasks_sent(w_pdf, broker, 0.0)
+        assert sorted(got) == [(i, "pdf.render") for i in waiting]
+    finally:
+        broker.close()
+
+
+def test_a_busy_worker_holds_up_no_task_of_another_name(broker, ctx):
+    # Given a worker with one slot for img.resize, and one with room for mail.send
+    c = client(ctx, broker)
+    w_img = worker(ctx, broker, 0.0, b"w-img", capacity=1, tasks=("img.resize",))
+    w_mail = worker(ctx, broker, 0.0, b"w-mail", capacity=2, tasks=("mail.send",))
+    # When two img.resize tasks come first in the queue, then a mail.send task
+    ids = submit(c, broker, 0.0, [task("img.resize"), task("img.resize"), task("mail.send")])
+    # Then the mail.send task does not wait behind the second img.resize task
+    assert tasks_sent(w_img, broker, 0.0) == [(ids[0], "img.resize")]
+    assert tasks_sent(w_mail, broker, 0.0) == [(ids[2], "mail.send")]
+    # ... which goes out as soon as its worker's slot is free
+    result(w_img, ids[0], 1)
+    assert [(i, n) for i, n in tasks_sent(w_img, broker, 0.0)] == [(ids[1], "img.resize")]
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,16 @@ class TaskQueue:
             self.refill()
         return self._jobs.popleft() if self._jobs else None
 
+    def rewind(self) -> None:
+        """Forget the jobs in memory and read the queue again from SQLite, from the start.
+
+        For jobs that were let go unplaced (no live worker ran their name): the
+        log still has them queued, in id order with everything else.
+        """
+        self._jobs.clear()
+        self.cursor = 0
+        self.spilled = True
+
     def refill(self) -> None:
         room = self.window - len(self._jobs)
         if not self.spilled or room <= 0:

@@ -1,16 +1,19 @@
-"""Which worker gets which queued job: the hash ring, credit and key affinity.
+"""Which worker gets which queued job: the hash ring, credit, task names and key affinity.
 
-A job with a key goes to the key's owner on the ring and waits for it when
-the owner is busy: the key is a promise of affinity (warm caches, local
-state). A job without a key is placed by bounded loads: from the owner of
-its id, clockwise to the first worker with credit, so no worker ever holds
-more than it announced and an idle worker never waits behind a busy one.
+A job goes only to a worker that registered its task name. A job with a key
+goes to the key's owner among those workers and waits for it when the owner
+is busy: the key is a promise of affinity (warm caches, local state). A job
+without a key is placed by bounded loads: from the owner of its id,
+clockwise to the first worker with credit that runs its name, so no worker
+ever holds more than it announced and an idle worker never waits behind a
+busy one. A job whose name no live worker runs is let go (it stays queued
+in the log) and read again when a worker registers that name.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from taskring.broker.hashring import HashRing
 from taskring.broker.jobs import Job, TaskQueue
@@ -27,28 +30,44 @@ class Placement:
         self.ring = HashRing()
         self.queue = queue
         self.parked: dict[str, collections.deque[Job]] = {}  # keyed jobs awaiting their owner
+        # Keyless jobs whose name only busy workers run, by task name.
+        self.waiting: dict[str, collections.deque[Job]] = {}
         self.parked_limit = parked_limit
+        self._names: dict[str, frozenset[str]] = {}  # worker -> the task names it runs
+        self._everywhere: frozenset[str] = frozenset()  # names every worker on the ring runs
+        self._anywhere: frozenset[str] = frozenset()
+        self._let_go: set[str] = set()  # names of jobs let go for want of a worker
 
-    def join(self, name: str, capacity: int) -> None:
+    def join(self, name: str, capacity: int, tasks: Iterable[str]) -> None:
         if name in self.ring:
             self.ring.remove(name)
         self.ring.add(name, weight=min(capacity, MAX_RING_WEIGHT))
-        self._unpark_all()
+        self._names[name] = frozenset(tasks)
+        self._membership_changed()
+        if self._let_go & self._names[name]:
+            # Jobs of these names were let go unplaced; the log still has them.
+            self._let_go -= self._names[name]
+            self.queue.rewind()
 
     def leave(self, name: str) -> None:
         if name in self.ring:
             self.ring.remove(name)
-        self._unpark_all()
+        self._names.pop(name, None)
+        self._membership_changed()
 
     def requeue(self, job: Job) -> None:
         self.queue.add_back(job)
 
-    def _unpark_all(self) -> None:
-        """Membership changed, so keyed jobs may have a new owner."""
-        for jobs in self.parked.values():
-            while jobs:
-                self.queue.add_back(jobs.pop())
-        self.parked.clear()
+    def _membership_changed(self) -> None:
+        names = list(self._names.values())
+        self._everywhere = frozenset.intersection(*names) if names else frozenset()
+        self._anywhere = frozenset().union(*names)
+        # Keyed jobs may have a new owner, and waiting ones new workers.
+        for held in (self.parked, self.waiting):
+            for jobs in held.values():
+                while jobs:
+                    self.queue.add_back(jobs.pop())
+            held.clear()
 
     def place(self, workers: Mapping[str, WorkerState]) -> list[tuple[Job, WorkerState]]:
         """Jobs to lease now, at most one per unit of credit."""
@@ -62,24 +81,55 @@ class Placement:
                 placed.append((parked.popleft(), workers[name]))
                 spare[name] -= 1
                 credit -= 1
-        parked_total = sum(len(q) for q in self.parked.values())
+        for task_name, waiting in self.waiting.items():
+            room = self._room_for(task_name, spare)
+            while waiting and credit > 0:
+                owner = self.ring.assign_point(waiting[0].ring_point, room)
+                if owner is None:
+                    break
+                placed.append((waiting.popleft(), workers[owner]))
+                spare[owner] -= 1
+                credit -= 1
+        # Jobs set aside in memory, and jobs let go this turn, both bound the turn's work.
+        held = sum(map(len, self.parked.values())) + sum(map(len, self.waiting.values()))
         has_room: Callable[[str], bool] = lambda name: spare[name] > 0  # noqa: E731
-        while credit > 0 and parked_total < self.parked_limit:
+        while credit > 0 and held < self.parked_limit:
             job = self.queue.pop()
             if job is None:
                 break
-            if job.key is not None:
-                owner = self.ring.owner(job.key)
-                if owner is not None and spare[owner] <= 0:
-                    self.parked.setdefault(owner, collections.deque()).append(job)
-                    parked_total += 1
+            if job.name not in self._everywhere:
+                if job.name not in self._anywhere:
+                    self._let_go.add(job.name)  # read again when a worker runs it
+                    held += 1
                     continue
+                owner = self._runner(job, spare)
+                if owner is None:
+                    self.waiting.setdefault(job.name, collections.deque()).append(job)
+                    held += 1
+                    continue
+            elif job.key is not None:
+                owner = self.ring.owner(job.key)
             else:
                 owner = self.ring.assign_point(job.ring_point, has_room)
             if owner is None:  # no workers, or none with room
                 self.queue.add_back(job)
                 break
+            if spare[owner] <= 0:  # a keyed job's owner is busy: it waits for that owner
+                self.parked.setdefault(owner, collections.deque()).append(job)
+                held += 1
+                continue
             placed.append((job, workers[owner]))
             spare[owner] -= 1
             credit -= 1
         return placed
+
+    def _room_for(self, task_name: str, spare: Mapping[str, int]) -> Callable[[str], bool]:
+        names = self._names
+        return lambda worker: spare[worker] > 0 and task_name in names[worker]
+
+    def _runner(self, job: Job, spare: Mapping[str, int]) -> str | None:
+        """For a job whose name only some workers run: its key's owner among them, or
+        the first of them clockwise with room; None when all of those are busy."""
+        if job.key is not None:
+            return self.ring.assign(job.key, lambda worker: job.name in self._names[worker])
+        return self.ring.assign_point(job.ring_point, self._room_for(job.name, spare))

@@ -577,7 +577,7 @@ class Broker:
                 "dseq": worker.dseq,
             },
         )
-        self.placement.join(name, request.capacity)
+        self.placement.join(name, request.capacity, request.tasks)
 
     def _on_heartbeat(self, envelope: p.Envelope, now: float, wall: float) -> None:
         beat = p.decode_worker_heartbeat(envelope.body, self.limits)
