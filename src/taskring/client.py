@@ -340,7 +340,11 @@ class Client:
                 for seq in [s for s in gets if s in self._answers]:
                     asked, _ = gets.pop(seq)
                     views = _reply_views(self._take(seq), asked)
-                    for task_id, view in zip(asked, views, strict=True):
+                    if len(views) < len(asked):  # the broker answered the first ids only
+                        rest = asked[len(views) :]
+                        again = self._start(protocol.GET, {"ids": rest, "watch": True})
+                        gets[again] = (rest, time.monotonic() + self.timeout_s)
+                    for task_id, view in zip(asked, views, strict=False):
                         if view is None:
                             raise TaskNotFound(f"no task with id {task_id}")
                         info = TaskInfo.from_view(view)
@@ -534,10 +538,11 @@ def _reply_ids(reply: dict[str, Any], expected: int) -> list[int]:
 
 
 def _reply_views(reply: dict[str, Any], asked: list[int]) -> list[Any]:
+    """The views of the first ids asked: all of them, or as many as fit in one message."""
     views = reply.get("tasks")
-    if not isinstance(views, list) or len(views) != len(asked):
-        raise malformed(f"GET reply must carry {len(asked)} task views")
-    for task_id, view in zip(asked, views, strict=True):
+    if not isinstance(views, list) or not 0 < len(views) <= len(asked):
+        raise malformed(f"GET reply must carry 1 to {len(asked)} task views")
+    for task_id, view in zip(asked, views, strict=False):
         if view is not None and (not isinstance(view, dict) or view.get("id") != task_id):
             raise malformed(f"GET reply has a view that is not task {task_id}")
     return views

@@ -584,6 +584,36 @@ def test_a_busy_worker_holds_up_no_task_of_another_name(broker, ctx):
     assert [(i, n) for i, n in tasks_sent(w_img, broker, 0.0)] == [(ids[1], "img.resize")]
 
 
+def test_get_and_tasks_answer_only_as_many_views_as_fit_in_one_message(tmp_path, ctx):
+    # Given a broker whose messages hold 8 KiB, and 5 tasks whose results are 1,000 bytes
+    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=8192)
+    settings = BrokerSettings(
+        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "t.db"), limits=limits
+    )
+    broker = Broker(settings, context=ctx)
+    try:
+        c = client(ctx, broker)
+        w = worker(ctx, broker, 0.0, capacity=5)
+        ids = submit(c, broker, 0.0, [task() for _ in range(5)])
+        w.expect(broker, 0.0, p.TASK)
+        for i in ids:
+            result(w, i, 1, value="x" * 1000)
+            w.expect(broker, 0.0, p.ACK)
+        # When a client asks for all 5 at once
+        c.request(p.GET, {"ids": ids, "watch": True})
+        views = c.expect(broker, 0.0, p.REPLY)["tasks"]
+        # Then the reply carries the first ones that fit in half a message, in order
+        assert 1 <= len(views) < 5
+        assert [v["id"] for v in views] == ids[: len(views)]
+        assert all(p.unpack(v["result"]) == "x" * 1000 for v in views)
+        # ... and so does a listing
+        c.request(p.TASKS, {"limit": 5})
+        listed = c.expect(broker, 0.0, p.REPLY)["tasks"]
+        assert 1 <= len(listed) < 5 and [v["id"] for v in listed] == ids[::-1][: len(listed)]
+    finally:
+        broker.close()
+
+
 @pytest.mark.parametrize(
     "parts",
     [

@@ -419,6 +419,28 @@ def test_wait_gets_many_in_batches_of_at_most_1000(client, broker, in_thread):
     assert all(isinstance(i, TaskInfo) and i.done for i in infos.values())
 
 
+def test_a_get_answered_for_the_first_ids_only_is_asked_again_for_the_rest(
+    client, broker, in_thread
+):
+    # Given a wait on 10 tasks this client did not submit
+    ids = list(range(1, 11))
+    pending = in_thread(client.wait, ids)
+    # When the broker answers each GET for its first 3 ids only (their views filled a message)
+    asked: list[list[int]] = []
+    answered = 0
+    while answered < len(ids):
+        identity, command, body = broker.recv()
+        assert command == protocol.GET
+        asked.append(body["ids"])
+        first = body["ids"][:3]
+        broker.reply(identity, body["seq"], tasks=[view(i, protocol.SUCCEEDED) for i in first])
+        answered += len(first)
+    # Then the client asks again for what was left out, and has every task
+    assert asked == [ids, ids[3:], ids[6:], ids[9:]]
+    infos = pending.result(timeout=5)
+    assert list(infos) == ids and all(i.done for i in infos.values())
+
+
 def test_broker_status_history_and_list(client, broker, in_thread):
     pending = in_thread(client.broker_status)
     identity, command, body = broker.recv()

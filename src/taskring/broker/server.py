@@ -460,6 +460,9 @@ class Broker:
         self._flush_writes(wall)
         views = self.store.views(request.ids)
         tasks = [p.task_view(views[i]) if i in views else None for i in request.ids]
+        # The views of the first ids that fit in one message: the client asks again
+        # for the rest. A thousand results of a MiB each would be a GiB otherwise.
+        tasks = p.split_by_size(tasks, _maybe_view_bytes, self.limits)[0] if tasks else []
         self._reply(envelope.identity, {"seq": request.seq, "tasks": tasks})
         if request.watch:
             for view in tasks:
@@ -502,9 +505,9 @@ class Broker:
     def _on_tasks(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_tasks(envelope.body, self.limits)
         rows = self.store.list_tasks(request.state, request.name, request.limit, request.before_id)
-        self._reply(
-            envelope.identity, {"seq": request.seq, "tasks": [p.task_view(r) for r in rows]}
-        )
+        views = [p.task_view(r) for r in rows]
+        views = p.split_by_size(views, _view_bytes, self.limits)[0] if views else []
+        self._reply(envelope.identity, {"seq": request.seq, "tasks": views})
 
     def _on_history(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_history(envelope.body, self.limits)
@@ -854,6 +857,10 @@ def _view_bytes(view: dict[str, Any]) -> int:
     # A client's socket drops a message over its size limit without a word
     # (ZMQ_MAXMSGSIZE), and a thousand large results would be over it.
     return len(view["result"] or b"") + len(view["error"] or "") + len(view["name"]) + 128
+
+
+def _maybe_view_bytes(view: dict[str, Any] | None) -> int:
+    return 16 if view is None else _view_bytes(view)
 
 
 def _seq(envelope: p.Envelope) -> int | None:
