@@ -29,6 +29,26 @@ def test_a_thousand_tasks_all_succeed_with_correct_results(cluster: Cluster) -> 
     assert {done[i].worker for i in ids} == {"w1", "w2", "w3"}
 
 
+def test_workers_with_different_task_modules_each_get_only_their_own(cluster: Cluster) -> None:
+    # Given a worker running tt_tasks and one running crash_tasks
+    cluster.start_broker()
+    cluster.start_worker("w-tt", module="tt_tasks")
+    cluster.start_worker("w-crash", module="crash_tasks")
+    cluster.wait_workers("w-tt", "w-crash")
+    with cluster.client() as client:
+        # When tasks of both modules are submitted, and one of a module no worker runs
+        adds = client.submit_many("tt_tasks.add", [(i, i) for i in range(200)])
+        squares = client.submit_many("crash_tasks.square", [(i,) for i in range(200)])
+        orphan = client.submit("nobody.runs", 1)
+        done = client.wait(adds + squares, timeout=60)
+        # Then each ran, with the right result, on the worker that registered it
+        assert {(done[i].state, done[i].worker) for i in adds} == {("succeeded", "w-tt")}
+        assert {(done[i].state, done[i].worker) for i in squares} == {("succeeded", "w-crash")}
+        assert [done[i].value for i in squares] == [i * i for i in range(200)]
+        # ... and the task nobody runs waits, queued, instead of failing on a wrong worker
+        assert client.status(orphan.id).state == "queued"
+
+
 def test_tasks_with_the_same_key_run_on_the_same_worker(cluster: Cluster) -> None:
     cluster.start_broker()
     for name in ("w1", "w2", "w3"):
