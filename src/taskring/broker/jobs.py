@@ -82,6 +82,11 @@ class TaskQueue:
         if self.spilled and job.id > self.cursor:
             return  # still unread in SQLite (a lease loaded at start): refill brings it once
         self._jobs.appendleft(job)
+        # Every job in memory must be at or below the cursor, or a refill after the
+        # queue spills would read it from SQLite again, where a lease granted this
+        # turn is not written yet: one task leased twice. A job above it comes back
+        # from a lease newer than the last read (loaded at start, or after a rewind).
+        self.cursor = max(self.cursor, job.id)
 
     def pop(self) -> Job | None:
         if not self._jobs and self.spilled:
