@@ -569,6 +569,35 @@ def test_many_tasks_no_worker_runs_hold_up_no_others_and_all_run_later(tmp_path,
         broker.close()
 
 
+def test_a_long_backlog_of_one_name_holds_up_no_other_and_all_of_it_runs(tmp_path, ctx):
+    # Given a broker that keeps 4 queued tasks in memory, a worker with one slot for
+    # img.resize and an idle one for mail.send
+    settings = BrokerSettings(
+        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "t.db"), queue_window=4
+    )
+    broker = Broker(settings, context=ctx)
+    try:
+        c = client(ctx, broker)
+        w_img = worker(ctx, broker, 0.0, b"w-img", capacity=1, tasks=("img.resize",))
+        w_mail = worker(ctx, broker, 0.0, b"w-mail", capacity=2, tasks=("mail.send",))
+        # When 10 img.resize tasks are queued ahead of a mail.send task
+        imgs = submit(c, broker, 0.0, [task("img.resize") for _ in range(10)])
+        (mail,) = submit(c, broker, 0.0, [task("mail.send")])
+        # Then the mail.send task goes out at once, past the img.resize backlog
+        assert tasks_sent(w_mail, broker, 0.0) == [(mail, "mail.send")]
+        # And every img.resize task runs, one at a time, as its worker's slot frees
+        ran = []
+        for _ in range(30):
+            for task_id, _name in tasks_sent(w_img, broker, 0.0):
+                ran.append(task_id)
+                result(w_img, task_id, 1)
+            if len(ran) == len(imgs):
+                break
+        assert sorted(ran) == imgs
+    finally:
+        broker.close()
+
+
 def test_a_busy_worker_holds_up_no_task_of_another_name(broker, ctx):
     # Given a worker with one slot for img.resize, and one with room for mail.send
     c = client(ctx, broker)

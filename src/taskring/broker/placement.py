@@ -37,6 +37,7 @@ class Placement:
         self._everywhere: frozenset[str] = frozenset()  # names every worker on the ring runs
         self._anywhere: frozenset[str] = frozenset()
         self._let_go: set[str] = set()  # names of jobs let go for want of a worker
+        self._reread_due = False  # let-go jobs of a name that has room again
 
     def join(self, name: str, capacity: int, tasks: Iterable[str]) -> None:
         if name in self.ring:
@@ -46,8 +47,7 @@ class Placement:
         self._membership_changed()
         if self._let_go & self._names[name]:
             # Jobs of these names were let go unplaced; the log still has them.
-            self._let_go -= self._names[name]
-            self.queue.rewind()
+            self._reread()
 
     def leave(self, name: str) -> None:
         if name in self.ring:
@@ -74,6 +74,8 @@ class Placement:
         credit = sum(max(0, w.credit) for w in workers.values())
         if credit <= 0:
             return []
+        if self._reread_due:
+            self._reread()
         placed: list[tuple[Job, WorkerState]] = []
         spare = {name: w.credit for name, w in workers.items()}
         for name, parked in self.parked.items():
@@ -90,22 +92,35 @@ class Placement:
                 placed.append((waiting.popleft(), workers[owner]))
                 spare[owner] -= 1
                 credit -= 1
-        # Jobs set aside in memory, and jobs let go this turn, both bound the turn's work.
-        held = sum(map(len, self.parked.values())) + sum(map(len, self.waiting.values()))
+            if not waiting and task_name in self._let_go:
+                # Its backlog drained: the jobs of it that were let go are read again,
+                # next turn, once this turn's leases are in the log.
+                self._reread_due = True
+        parked_now = sum(map(len, self.parked.values()))
+        waiting_now = sum(map(len, self.waiting.values()))
+        full: set[str] = set()  # names whose runners all lack room this turn
+        let_go = 0  # bounds this turn's work, as the jobs set aside bound memory
         has_room: Callable[[str], bool] = lambda name: spare[name] > 0  # noqa: E731
-        while credit > 0 and held < self.parked_limit:
+        while credit > 0 and parked_now < self.parked_limit and let_go < self.parked_limit:
             job = self.queue.pop()
             if job is None:
                 break
             if job.name not in self._everywhere:
-                if job.name not in self._anywhere:
-                    self._let_go.add(job.name)  # read again when a worker runs it
-                    held += 1
-                    continue
-                owner = self._runner(job, spare)
+                owner = None
+                if job.name in self._anywhere and (job.key is not None or job.name not in full):
+                    owner = self._runner(job, spare)
                 if owner is None:
-                    self.waiting.setdefault(job.name, collections.deque()).append(job)
-                    held += 1
+                    if job.key is None and job.name in self._anywhere:
+                        full.add(job.name)
+                        if waiting_now < self.parked_limit and len(
+                            self.waiting.get(job.name, ())
+                        ) < max(1, self.parked_limit // 4):
+                            self.waiting.setdefault(job.name, collections.deque()).append(job)
+                            waiting_now += 1
+                            continue
+                    # Nobody runs it, or its backlog is long: it stays queued in the log.
+                    self._let_go.add(job.name)
+                    let_go += 1
                     continue
             elif job.key is not None:
                 owner = self.ring.owner(job.key)
@@ -116,12 +131,24 @@ class Placement:
                 break
             if spare[owner] <= 0:  # a keyed job's owner is busy: it waits for that owner
                 self.parked.setdefault(owner, collections.deque()).append(job)
-                held += 1
+                parked_now += 1
                 continue
             placed.append((job, workers[owner]))
             spare[owner] -= 1
             credit -= 1
         return placed
+
+    def _reread(self) -> None:
+        """Read the queue again from the log, jobs set aside and let go included.
+
+        Only at the start of a turn's placement: a lease granted earlier in the
+        same turn is not in the log yet, and its job would be read as queued.
+        """
+        self._reread_due = False
+        self._let_go.clear()
+        self.parked.clear()
+        self.waiting.clear()
+        self.queue.rewind()
 
     def _room_for(self, task_name: str, spare: Mapping[str, int]) -> Callable[[str], bool]:
         names = self._names
