@@ -856,7 +856,8 @@ def _lease_bytes(lease: Lease) -> int:
 def _view_bytes(view: dict[str, Any]) -> int:
     # A client's socket drops a message over its size limit without a word
     # (ZMQ_MAXMSGSIZE), and a thousand large results would be over it.
-    return len(view["result"] or b"") + len(view["error"] or "") + len(view["name"]) + 128
+    text = len(view["name"]) + len(view["key"] or "") + len(view["worker"] or "")
+    return len(view["result"] or b"") + len(view["error"] or "") + text + 128
 
 
 def _maybe_view_bytes(view: dict[str, Any] | None) -> int:
