@@ -598,6 +598,38 @@ def test_a_long_backlog_of_one_name_holds_up_no_other_and_all_of_it_runs(tmp_pat
         broker.close()
 
 
+def test_a_long_backlog_for_one_key_owner_holds_up_no_other_owner(tmp_path, ctx):
+    # Given a broker that keeps 4 queued tasks in memory, and two workers
+    settings = BrokerSettings(
+        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "t.db"), queue_window=4
+    )
+    broker = Broker(settings, context=ctx)
+    try:
+        c = client(ctx, broker)
+        w1 = worker(ctx, broker, 0.0, b"w1", capacity=1)
+        w2 = worker(ctx, broker, 0.0, b"w2", capacity=2)
+        keys = [f"k{i}" for i in range(100)]
+        mine = next(k for k in keys if broker.placement.ring.owner(k) == "w1")
+        theirs = next(k for k in keys if broker.placement.ring.owner(k) == "w2")
+        # When 10 tasks of a key w1 owns are queued ahead of one of a key w2 owns
+        backlog = submit(c, broker, 0.0, [task(key=mine) for _ in range(10)])
+        (other,) = submit(c, broker, 0.0, [task(key=theirs)])
+        # Then w2's task goes out at once, past w1's backlog
+        assert tasks_sent(w2, broker, 0.0) == [(other, "t.add")]
+        # And every task of w1's key runs on w1, as its one slot frees
+        ran = []
+        for _ in range(30):
+            for task_id, _name in tasks_sent(w1, broker, 0.0):
+                ran.append(task_id)
+                result(w1, task_id, 1)
+            if len(ran) == len(backlog):
+                break
+        assert sorted(ran) == backlog
+        assert tasks_sent(w2, broker, 0.0) == []
+    finally:
+        broker.close()
+
+
 def test_a_busy_worker_holds_up_no_task_of_another_name(broker, ctx):
     # Given a worker with one slot for img.resize, and one with room for mail.send
     c = client(ctx, broker)

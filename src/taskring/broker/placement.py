@@ -7,7 +7,10 @@ without a key is placed by bounded loads: from the owner of its id,
 clockwise to the first worker with credit that runs its name, so no worker
 ever holds more than it announced and an idle worker never waits behind a
 busy one. A job whose name no live worker runs is let go (it stays queued
-in the log) and read again when a worker registers that name.
+in the log), and so is a job past the backlog kept in memory for one busy
+owner or one busy name; the queue is read again from the log when the
+workers change or such a backlog drains, so a long backlog of one kind
+never holds up the others.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Placement:
         self._anywhere: frozenset[str] = frozenset()
         self._let_go: set[str] = set()  # names of jobs let go for want of a worker
         self._reread_due = False  # let-go jobs of a name that has room again
+        self._keyed_let_go = False  # keyed jobs let go while their owner was busy
 
     def join(self, name: str, capacity: int, tasks: Iterable[str]) -> None:
         if name in self.ring:
@@ -45,9 +49,6 @@ class Placement:
         self.ring.add(name, weight=min(capacity, MAX_RING_WEIGHT))
         self._names[name] = frozenset(tasks)
         self._membership_changed()
-        if self._let_go & self._names[name]:
-            # Jobs of these names were let go unplaced; the log still has them.
-            self._reread()
 
     def leave(self, name: str) -> None:
         if name in self.ring:
@@ -68,6 +69,10 @@ class Placement:
                 while jobs:
                     self.queue.add_back(jobs.pop())
             held.clear()
+        if self._let_go or self._keyed_let_go:
+            # Jobs were let go unplaced (the log still has them): read the queue again
+            # at the next placement, when a new worker may run them or own their keys.
+            self._reread_due = True
 
     def place(self, workers: Mapping[str, WorkerState]) -> list[tuple[Job, WorkerState]]:
         """Jobs to lease now, at most one per unit of credit."""
@@ -83,6 +88,8 @@ class Placement:
                 placed.append((parked.popleft(), workers[name]))
                 spare[name] -= 1
                 credit -= 1
+            if not parked and self._keyed_let_go:
+                self._reread_due = True  # as for a name's backlog, below
         for task_name, waiting in self.waiting.items():
             room = self._room_for(task_name, spare)
             while waiting and credit > 0:
@@ -101,7 +108,8 @@ class Placement:
         full: set[str] = set()  # names whose runners all lack room this turn
         let_go = 0  # bounds this turn's work, as the jobs set aside bound memory
         has_room: Callable[[str], bool] = lambda name: spare[name] > 0  # noqa: E731
-        while credit > 0 and parked_now < self.parked_limit and let_go < self.parked_limit:
+        cap = max(1, self.parked_limit // 4)  # jobs set aside for one owner or one name
+        while credit > 0 and let_go < self.parked_limit:
             job = self.queue.pop()
             if job is None:
                 break
@@ -112,9 +120,10 @@ class Placement:
                 if owner is None:
                     if job.key is None and job.name in self._anywhere:
                         full.add(job.name)
-                        if waiting_now < self.parked_limit and len(
-                            self.waiting.get(job.name, ())
-                        ) < max(1, self.parked_limit // 4):
+                        if (
+                            waiting_now < self.parked_limit
+                            and len(self.waiting.get(job.name, ())) < cap
+                        ):
                             self.waiting.setdefault(job.name, collections.deque()).append(job)
                             waiting_now += 1
                             continue
@@ -130,8 +139,12 @@ class Placement:
                 self.queue.add_back(job)
                 break
             if spare[owner] <= 0:  # a keyed job's owner is busy: it waits for that owner
-                self.parked.setdefault(owner, collections.deque()).append(job)
-                parked_now += 1
+                if parked_now < self.parked_limit and len(self.parked.get(owner, ())) < cap:
+                    self.parked.setdefault(owner, collections.deque()).append(job)
+                    parked_now += 1
+                else:  # a long backlog for one owner: it stays queued in the log
+                    self._keyed_let_go = True
+                    let_go += 1
                 continue
             placed.append((job, workers[owner]))
             spare[owner] -= 1
@@ -145,6 +158,7 @@ class Placement:
         same turn is not in the log yet, and its job would be read as queued.
         """
         self._reread_due = False
+        self._keyed_let_go = False
         self._let_go.clear()
         self.parked.clear()
         self.waiting.clear()
