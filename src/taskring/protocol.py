@@ -192,24 +192,43 @@ def split_by_size(
     way. With `task_id`, no message holds two items of one task: an ACK's
     `stale` names task ids, and a worker may hold two attempts of a task.
     """
-    if not items:
-        return []
+    chunks = []
+    start = 0
+    while start < len(items):
+        end = _message_end(items, start, size, limits, task_id)
+        chunks.append(list(items[start:end]))
+        start = end
+    return chunks
+
+
+def first_message(items: Sequence[T], size: Callable[[T], int], limits: Limits) -> list[T]:
+    """The leading items that fit in one message, as split_by_size counts (at least one)."""
+    return list(items[: _message_end(items, 0, size, limits, None)])
+
+
+def _message_end(
+    items: Sequence[T],
+    start: int,
+    size: Callable[[T], int],
+    limits: Limits,
+    task_id: Callable[[T], int] | None,
+) -> int:
+    """Where the message that begins at `start` ends: past the last item that fits."""
     budget = limits.max_message_bytes // 2
-    chunks: list[list[T]] = [[]]
+    end = min(len(items), start + limits.max_batch)
     used = 0
     ids: set[int] = set()
-    for item in items:
-        cost = size(item)
-        repeated = task_id is not None and task_id(item) in ids
-        if chunks[-1] and (len(chunks[-1]) >= limits.max_batch or used + cost > budget or repeated):
-            chunks.append([])
-            used = 0
-            ids.clear()
-        chunks[-1].append(item)
-        used += cost
+    for i in range(start, end):
+        item = items[i]
+        used += size(item)
         if task_id is not None:
-            ids.add(task_id(item))
-    return chunks
+            tid = task_id(item)
+            if tid in ids:
+                return i
+            ids.add(tid)
+        if used > budget and i > start:
+            return i
+    return end
 
 
 # ---------------------------------------------------------------- framing

@@ -1034,6 +1034,10 @@ def test_split_by_size_bounds_count_and_bytes_and_lets_a_large_item_travel_alone
     chunks = p.split_by_size(sizes, lambda n: n, limits)
     assert chunks == [[100, 100, 100], [100, 300], [300], [2000], [10]]
     assert p.split_by_size([], lambda n: n, limits) == []
+    # The first message alone, as REPLY to GET and TASKS take it
+    assert p.first_message(sizes, lambda n: n, limits) == [100, 100, 100]
+    assert p.first_message([2000, 10], lambda n: n, limits) == [2000]
+    assert p.first_message([], lambda n: n, limits) == []
 
 
 def test_split_by_size_never_puts_two_items_of_one_task_in_a_message() -> None:

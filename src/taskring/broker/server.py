@@ -462,7 +462,7 @@ class Broker:
         tasks = [p.task_view(views[i]) if i in views else None for i in request.ids]
         # The views of the first ids that fit in one message: the client asks again
         # for the rest. A thousand results of a MiB each would be a GiB otherwise.
-        tasks = p.split_by_size(tasks, _maybe_view_bytes, self.limits)[0] if tasks else []
+        tasks = p.first_message(tasks, _view_bytes, self.limits)
         self._reply(envelope.identity, {"seq": request.seq, "tasks": tasks})
         if request.watch:
             for view in tasks:
@@ -505,8 +505,7 @@ class Broker:
     def _on_tasks(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_tasks(envelope.body, self.limits)
         rows = self.store.list_tasks(request.state, request.name, request.limit, request.before_id)
-        views = [p.task_view(r) for r in rows]
-        views = p.split_by_size(views, _view_bytes, self.limits)[0] if views else []
+        views = p.first_message([p.task_view(r) for r in rows], _view_bytes, self.limits)
         self._reply(envelope.identity, {"seq": request.seq, "tasks": views})
 
     def _on_history(self, envelope: p.Envelope, now: float, wall: float) -> None:
@@ -853,15 +852,13 @@ def _lease_bytes(lease: Lease) -> int:
     return len(job.payload) + len(job.checkpoint or b"") + len(job.name) + 64
 
 
-def _view_bytes(view: dict[str, Any]) -> int:
+def _view_bytes(view: dict[str, Any] | None) -> int:
     # A client's socket drops a message over its size limit without a word
     # (ZMQ_MAXMSGSIZE), and a thousand large results would be over it.
+    if view is None:  # an unknown id in a REPLY to GET
+        return 16
     text = len(view["name"]) + len(view["key"] or "") + len(view["worker"] or "")
     return len(view["result"] or b"") + len(view["error"] or "") + text + 128
-
-
-def _maybe_view_bytes(view: dict[str, Any] | None) -> int:
-    return 16 if view is None else _view_bytes(view)
 
 
 def _seq(envelope: p.Envelope) -> int | None:

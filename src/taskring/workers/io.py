@@ -18,6 +18,7 @@ import socket as _socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from operator import attrgetter
 from typing import Any
 
 import zmq
@@ -426,7 +427,7 @@ class IOLoop:
             elif isinstance(item, CheckpointRequest):
                 checkpoints.append(item)
         for batch in protocol.split_by_size(
-            checkpoints, _checkpoint_bytes, self.limits, task_id=_checkpoint_task
+            checkpoints, _checkpoint_bytes, self.limits, task_id=attrgetter("task_id")
         ):
             self._send_checkpoints(batch, now)
         if self._finished:
@@ -447,7 +448,7 @@ class IOLoop:
     def _send_results(self, now: float) -> None:
         """All of this turn's outcomes in one RESULT, split only by the message limits."""
         for batch in protocol.split_by_size(
-            self._finished, _outcome_bytes, self.limits, task_id=_outcome_task
+            self._finished, _outcome_bytes, self.limits, task_id=attrgetter("id")
         ):
             self._send_result(batch, now)
         self._finished = []
@@ -497,14 +498,6 @@ class IOLoop:
 
 def _checkpoint_bytes(request: CheckpointRequest) -> int:
     return len(request.state) + 64
-
-
-def _checkpoint_task(request: CheckpointRequest) -> int:
-    return request.task_id
-
-
-def _outcome_task(outcome: TaskOutcome) -> int:
-    return outcome.id
 
 
 def _outcome_bytes(outcome: TaskOutcome) -> int:
