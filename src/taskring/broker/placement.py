@@ -32,16 +32,18 @@ class Placement:
     def __init__(self, queue: TaskQueue, parked_limit: int) -> None:
         self.ring = HashRing()
         self.queue = queue
-        self.parked: dict[str, collections.deque[Job]] = {}  # keyed jobs awaiting their owner
-        # Keyless jobs whose name only busy workers run, by task name.
+        # Jobs set aside in memory: keyed ones awaiting their busy owner, by worker,
+        # and keyless ones whose name only busy workers run, by task name.
+        self.parked: dict[str, collections.deque[Job]] = {}
         self.waiting: dict[str, collections.deque[Job]] = {}
-        self.parked_limit = parked_limit
+        self.parked_limit = parked_limit  # jobs set aside in all; a quarter of it per group
         self._names: dict[str, frozenset[str]] = {}  # worker -> the task names it runs
         self._everywhere: frozenset[str] = frozenset()  # names every worker on the ring runs
         self._anywhere: frozenset[str] = frozenset()
-        self._let_go: set[str] = set()  # names of jobs let go for want of a worker
-        self._reread_due = False  # let-go jobs of a name that has room again
-        self._keyed_let_go = False  # keyed jobs let go while their owner was busy
+        # ("owner", worker) or ("name", task name) of jobs let go: they stay queued in the
+        # log, and are read again when that group's backlog drains or the workers change.
+        self._let_go: set[tuple[str, str]] = set()
+        self._reread_due = False
 
     def join(self, name: str, capacity: int, tasks: Iterable[str]) -> None:
         if name in self.ring:
@@ -69,7 +71,7 @@ class Placement:
                 while jobs:
                     self.queue.add_back(jobs.pop())
             held.clear()
-        if self._let_go or self._keyed_let_go:
+        if self._let_go:
             # Jobs were let go unplaced (the log still has them): read the queue again
             # at the next placement, when a new worker may run them or own their keys.
             self._reread_due = True
@@ -83,73 +85,68 @@ class Placement:
             self._reread()
         placed: list[tuple[Job, WorkerState]] = []
         spare = {name: w.credit for name, w in workers.items()}
-        for name, parked in self.parked.items():
-            while parked and spare[name] > 0:
-                placed.append((parked.popleft(), workers[name]))
-                spare[name] -= 1
-                credit -= 1
-            if not parked and self._keyed_let_go:
-                self._reread_due = True  # as for a name's backlog, below
-        for task_name, waiting in self.waiting.items():
-            room = self._room_for(task_name, spare)
-            while waiting and credit > 0:
-                owner = self.ring.assign_point(waiting[0].ring_point, room)
-                if owner is None:
-                    break
-                placed.append((waiting.popleft(), workers[owner]))
-                spare[owner] -= 1
-                credit -= 1
-            if not waiting and task_name in self._let_go:
-                # Its backlog drained: the jobs of it that were let go are read again,
-                # next turn, once this turn's leases are in the log.
-                self._reread_due = True
-        parked_now = sum(map(len, self.parked.values()))
-        waiting_now = sum(map(len, self.waiting.values()))
+        # Jobs set aside go first: they have waited longest.
+        for kind, groups in (("owner", self.parked), ("name", self.waiting)):
+            for group, jobs in groups.items():
+                pick = self._picker(kind, group, spare)
+                while jobs and (owner := pick(jobs[0])) is not None:
+                    placed.append((jobs.popleft(), workers[owner]))
+                    spare[owner] -= 1
+                    credit -= 1
+                if not jobs and (kind, group) in self._let_go:
+                    # Its backlog drained: read the jobs let go again, next turn, once
+                    # this turn's leases are in the log.
+                    self._reread_due = True
+        aside = sum(map(len, self.parked.values())) + sum(map(len, self.waiting.values()))
+        cap = max(1, self.parked_limit // 4)
         full: set[str] = set()  # names whose runners all lack room this turn
-        let_go = 0  # bounds this turn's work, as the jobs set aside bound memory
+        let_go = 0  # bounds this turn's work, as `aside` bounds memory
         has_room: Callable[[str], bool] = lambda name: spare[name] > 0  # noqa: E731
-        cap = max(1, self.parked_limit // 4)  # jobs set aside for one owner or one name
         while credit > 0 and let_go < self.parked_limit:
             job = self.queue.pop()
             if job is None:
                 break
-            if job.name not in self._everywhere:
+            if job.name in self._everywhere:  # the common case: any worker runs it
+                if job.key is not None:
+                    owner = self.ring.owner(job.key)
+                else:
+                    owner = self.ring.assign_point(job.ring_point, has_room)
+                if owner is None:  # no workers, or none with room
+                    self.queue.add_back(job)
+                    break
+            elif job.name not in self._anywhere or (job.key is None and job.name in full):
                 owner = None
-                if job.name in self._anywhere and (job.key is not None or job.name not in full):
-                    owner = self._runner(job, spare)
-                if owner is None:
-                    if job.key is None and job.name in self._anywhere:
-                        full.add(job.name)
-                        if (
-                            waiting_now < self.parked_limit
-                            and len(self.waiting.get(job.name, ())) < cap
-                        ):
-                            self.waiting.setdefault(job.name, collections.deque()).append(job)
-                            waiting_now += 1
-                            continue
-                    # Nobody runs it, or its backlog is long: it stays queued in the log.
-                    self._let_go.add(job.name)
-                    let_go += 1
-                    continue
-            elif job.key is not None:
-                owner = self.ring.owner(job.key)
             else:
-                owner = self.ring.assign_point(job.ring_point, has_room)
-            if owner is None:  # no workers, or none with room
-                self.queue.add_back(job)
-                break
-            if spare[owner] <= 0:  # a keyed job's owner is busy: it waits for that owner
-                if parked_now < self.parked_limit and len(self.parked.get(owner, ())) < cap:
-                    self.parked.setdefault(owner, collections.deque()).append(job)
-                    parked_now += 1
-                else:  # a long backlog for one owner: it stays queued in the log
-                    self._keyed_let_go = True
-                    let_go += 1
+                owner = self._runner(job, spare)
+                if owner is None:
+                    full.add(job.name)
+            if owner is not None and spare[owner] > 0:
+                placed.append((job, workers[owner]))
+                spare[owner] -= 1
+                credit -= 1
                 continue
-            placed.append((job, workers[owner]))
-            spare[owner] -= 1
-            credit -= 1
+            # Set aside: a keyed job for its busy owner, a keyless one by its name.
+            kind, group = ("owner", owner) if owner is not None else ("name", job.name)
+            groups = self.parked if owner is not None else self.waiting
+            if job.name in self._anywhere and aside < self.parked_limit:
+                jobs = groups.setdefault(group, collections.deque())
+                if len(jobs) < cap:
+                    jobs.append(job)
+                    aside += 1
+                    continue
+            # Nobody runs it, or its backlog is long: it stays queued in the log.
+            self._let_go.add((kind, group))
+            let_go += 1
         return placed
+
+    def _picker(
+        self, kind: str, group: str, spare: Mapping[str, int]
+    ) -> Callable[[Job], str | None]:
+        """Where a job set aside in this group can go now, if anywhere."""
+        if kind == "owner":
+            return lambda job: group if spare[group] > 0 else None
+        room = self._room_for(group, spare)
+        return lambda job: self.ring.assign_point(job.ring_point, room)
 
     def _reread(self) -> None:
         """Read the queue again from the log, jobs set aside and let go included.
@@ -158,7 +155,6 @@ class Placement:
         same turn is not in the log yet, and its job would be read as queued.
         """
         self._reread_due = False
-        self._keyed_let_go = False
         self._let_go.clear()
         self.parked.clear()
         self.waiting.clear()
