@@ -134,8 +134,7 @@ def test_checkpoint_never_goes_backwards(store):
     task_id = add_task(store)
     with store.turn():
         store.lease([(task_id, 1, "w1")], 2.0)
-        store.checkpoint(task_id, 1, "w1", 5, b"five", 3.0)
-        store.checkpoint(task_id, 1, "w1", 4, b"four", 4.0)
+        store.checkpoints([(task_id, 1, "w1", 5, b"five"), (task_id, 1, "w1", 4, b"four")], 3.0)
     *fields, worker = store.running()[0]
     job = Job(*fields)
     assert (job.checkpoint, job.checkpoint_no, worker) == (b"five", 5, "w1")

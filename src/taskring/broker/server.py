@@ -619,6 +619,7 @@ class Broker:
         request = p.decode_checkpoint(envelope.body, self.limits)
         name = _name(envelope.identity)
         stale = []
+        applied: list[tuple[int, int, str, int, bytes]] = []
         for checkpoint in request.checkpoints:
             lease = self._current(checkpoint.id, checkpoint.attempt, name)
             if lease is None:
@@ -633,10 +634,9 @@ class Broker:
                     stale.append(checkpoint.id)
             elif checkpoint.number > lease.job.checkpoint_no:  # equal: a resend, already applied
                 job = lease.job
-                self.store.checkpoint(
-                    job.id, job.attempt, name, checkpoint.number, checkpoint.state, wall
-                )
+                applied.append((job.id, job.attempt, name, checkpoint.number, checkpoint.state))
                 job.checkpoint, job.checkpoint_no = checkpoint.state, checkpoint.number
+        self.store.checkpoints(applied, wall)
         self._ack(envelope.identity, request.seq, stale)
         self._registered(envelope.identity, now)
 

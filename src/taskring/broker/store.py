@@ -247,12 +247,12 @@ class Store:
             _INSERT_EVENT, [(i, now, "succeeded", a, w, None) for i, a, w, _r in rows]
         )
 
-    def checkpoint(
-        self, task_id: int, attempt: int, worker: str, number: int, state: bytes, now: float
-    ) -> None:
-        self.conn.execute(_CHECKPOINT, (state, number, now, task_id, attempt, number))
-        self.conn.execute(
-            _INSERT_EVENT, (task_id, now, "checkpointed", attempt, worker, f"checkpoint {number}")
+    def checkpoints(self, rows: Sequence[tuple[int, int, str, int, bytes]], now: float) -> None:
+        """Checkpoints in bulk, in order: (task id, attempt, worker, number, state)."""
+        self.conn.executemany(_CHECKPOINT, [(s, n, now, i, a, n) for i, a, _w, n, s in rows])
+        self.conn.executemany(
+            _INSERT_EVENT,
+            [(i, now, "checkpointed", a, w, f"checkpoint {n}") for i, a, w, n, _s in rows],
         )
 
     def event(
