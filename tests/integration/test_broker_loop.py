@@ -85,20 +85,22 @@ def ctx() -> Iterator[zmq.Context[Any]]:
     context.destroy(linger=0)
 
 
-def make_broker(
-    tmp_path: Path,
-    ctx: zmq.Context[Any],
-    endpoint: str = "tcp://127.0.0.1:*",
-    synchronous: str = "normal",
-) -> Broker:
-    settings = BrokerSettings(
-        endpoint=endpoint,
-        db_path=str(tmp_path / "tasks.db"),
-        heartbeat_s=HEARTBEAT_S,
-        liveness=LIVENESS,
-        synchronous=synchronous,
-    )
-    return Broker(settings, context=ctx)
+def make_broker(tmp_path: Path, ctx: zmq.Context[Any], **settings: Any) -> Broker:
+    """A broker on a free loopback port with a log in tmp_path; `settings` override."""
+    defaults: dict[str, Any] = {
+        "endpoint": "tcp://127.0.0.1:*",
+        "db_path": str(tmp_path / "tasks.db"),
+        "heartbeat_s": HEARTBEAT_S,
+        "liveness": LIVENESS,
+        "synchronous": "normal",
+    }
+    return Broker(BrokerSettings(**(defaults | settings)), context=ctx)
+
+
+def syncs_in_thread(b: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send every sync to the helper thread, as on a busy broker (no inline sync)."""
+    assert b.syncer is not None
+    monkeypatch.setattr(b.syncer, "sync_here", b.syncer.request)
 
 
 @pytest.fixture(params=["normal", "full"])
@@ -184,18 +186,9 @@ def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(
         assert gate.wait(10), "the test never opened the gate"
         real_fsync(fd)
 
-    settings = BrokerSettings(
-        endpoint="tcp://127.0.0.1:*",
-        db_path=str(tmp_path / "tasks.db"),
-        heartbeat_s=HEARTBEAT_S,
-        liveness=LIVENESS,
-        synchronous="full",
-    )
-    b = Broker(settings, context=ctx)
+    b = make_broker(tmp_path, ctx, synchronous="full")
     monkeypatch.setattr("taskring.broker.durability._datasync", gated_fsync)
-    # As on a busy broker, the sync runs in the helper thread, not inline.
-    assert b.syncer is not None
-    monkeypatch.setattr(b.syncer, "sync_here", b.syncer.request)
+    syncs_in_thread(b, monkeypatch)
     try:
         c = client(ctx, b)
         # When a client submits and the broker commits the task
@@ -219,22 +212,15 @@ def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(
         b.close()
 
 
-def full_settings(tmp_path: Path) -> BrokerSettings:
-    return BrokerSettings(
-        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "tasks.db"), synchronous="full"
-    )
-
-
 def test_a_failed_wal_sync_stops_the_broker_and_sends_nothing(tmp_path, ctx, monkeypatch):
     # Given a full-durability broker whose disk refuses the sync
-    b = Broker(full_settings(tmp_path), context=ctx)
+    b = make_broker(tmp_path, ctx, synchronous="full")
 
     def failing(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr("taskring.broker.durability._datasync", failing)
-    assert b.syncer is not None
-    monkeypatch.setattr(b.syncer, "sync_here", b.syncer.request)  # the helper thread's path
+    syncs_in_thread(b, monkeypatch)
     try:
         c = client(ctx, b)
         c.request(p.SUBMIT, {"tasks": [task()]})
@@ -251,11 +237,10 @@ def test_a_failed_wal_sync_stops_the_broker_and_sends_nothing(tmp_path, ctx, mon
 def test_the_loop_stops_reading_when_the_disk_falls_far_behind(tmp_path, ctx, monkeypatch):
     # Given a full-durability broker whose syncs never finish, with a backlog at the cap
     gate = threading.Event()
-    b = Broker(full_settings(tmp_path), context=ctx)
+    b = make_broker(tmp_path, ctx, synchronous="full")
     monkeypatch.setattr("taskring.broker.durability._datasync", lambda fd: gate.wait(10))
     monkeypatch.setattr("taskring.broker.server.MAX_UNSYNCED_TURNS", 2)
-    assert b.syncer is not None
-    monkeypatch.setattr(b.syncer, "sync_here", b.syncer.request)
+    syncs_in_thread(b, monkeypatch)
     try:
         c = client(ctx, b)
         for _ in range(2):
@@ -280,10 +265,7 @@ def test_an_idle_full_broker_syncs_inline_before_it_answers(tmp_path, ctx, monke
     # Given an idle broker in "full" mode that records its WAL syncs
     events: list[str] = []
     real = os.fdatasync if hasattr(os, "fdatasync") else os.fsync
-    settings = BrokerSettings(
-        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "tasks.db"), synchronous="full"
-    )
-    b = Broker(settings, context=ctx)
+    b = make_broker(tmp_path, ctx, synchronous="full")
     monkeypatch.setattr(
         "taskring.broker.durability._datasync", lambda fd: (events.append("sync"), real(fd))
     )
@@ -362,13 +344,7 @@ def test_a_heartbeat_sent_before_the_ack_does_not_take_the_freed_slot(broker, ct
 def test_notify_is_split_so_no_message_outgrows_the_size_limit(tmp_path, ctx):
     # Given a broker whose messages may be 16 KiB, and three tasks whose results are 5 KB
     limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384, max_result_bytes=6_000)
-    settings = BrokerSettings(
-        endpoint="tcp://127.0.0.1:*",
-        db_path=str(tmp_path / "tasks.db"),
-        synchronous="normal",
-        limits=limits,
-    )
-    b = Broker(settings, context=ctx)
+    b = make_broker(tmp_path, ctx, limits=limits)
     try:
         w = worker(ctx, b, 0.0, capacity=3)
         c = client(ctx, b)
@@ -546,88 +522,74 @@ def test_a_task_no_worker_runs_stays_queued_until_one_registers_its_name(broker,
     ]
 
 
-def test_many_tasks_no_worker_runs_hold_up_no_others_and_all_run_later(tmp_path, ctx):
-    # Given a broker that keeps 4 queued tasks in memory, the rest in SQLite
-    settings = BrokerSettings(
-        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "t.db"), queue_window=4
-    )
-    broker = Broker(settings, context=ctx)
-    try:
-        c = client(ctx, broker)
-        w_img = worker(ctx, broker, 0.0, b"w-img", capacity=8, tasks=("img.resize",))
-        # When 10 tasks nobody runs are queued ahead of 2 that w-img runs
-        waiting = submit(c, broker, 0.0, [task("pdf.render") for _ in range(10)])
-        mine = submit(c, broker, 0.0, [task("img.resize"), task("img.resize")])
-        # Then w-img gets its 2 all the same, a window's worth of skipping per turn
-        got = tasks_sent(w_img, broker, 0.0) + tasks_sent(w_img, broker, 0.0)
-        assert sorted(got) == [(i, "img.resize") for i in mine]
-        # And a worker that runs pdf.render later gets all 10, read again from the log
-        w_pdf = worker(ctx, broker, 0.0, b"w-pdf", capacity=10, tasks=("pdf.render",))
-        got = tasks_sent(w_pdf, broker, 0.0) + tasks_sent(w_pdf, broker, 0.0)
-        assert sorted(got) == [(i, "pdf.render") for i in waiting]
-    finally:
-        broker.close()
+@pytest.fixture
+def small_window(tmp_path: Path, ctx: zmq.Context[Any]) -> Iterator[Broker]:
+    """A broker that keeps 4 queued tasks in memory, the rest in SQLite."""
+    b = make_broker(tmp_path, ctx, queue_window=4)
+    yield b
+    b.close()
 
 
-def test_a_long_backlog_of_one_name_holds_up_no_other_and_all_of_it_runs(tmp_path, ctx):
-    # Given a broker that keeps 4 queued tasks in memory, a worker with one slot for
-    # img.resize and an idle one for mail.send
-    settings = BrokerSettings(
-        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "t.db"), queue_window=4
-    )
-    broker = Broker(settings, context=ctx)
-    try:
-        c = client(ctx, broker)
-        w_img = worker(ctx, broker, 0.0, b"w-img", capacity=1, tasks=("img.resize",))
-        w_mail = worker(ctx, broker, 0.0, b"w-mail", capacity=2, tasks=("mail.send",))
-        # When 10 img.resize tasks are queued ahead of a mail.send task
-        imgs = submit(c, broker, 0.0, [task("img.resize") for _ in range(10)])
-        (mail,) = submit(c, broker, 0.0, [task("mail.send")])
-        # Then the mail.send task goes out at once, past the img.resize backlog
-        assert tasks_sent(w_mail, broker, 0.0) == [(mail, "mail.send")]
-        # And every img.resize task runs, one at a time, as its worker's slot frees
-        ran = []
-        for _ in range(30):
-            for task_id, _name in tasks_sent(w_img, broker, 0.0):
-                ran.append(task_id)
-                result(w_img, task_id, 1)
-            if len(ran) == len(imgs):
-                break
-        assert sorted(ran) == imgs
-    finally:
-        broker.close()
+def run_each(w: Peer, broker: Broker, count: int) -> list[int]:
+    """Ids of the next `count` tasks sent to w, each answered with a result as it arrives."""
+    ran: list[int] = []
+    for _ in range(30):
+        for task_id, _name in tasks_sent(w, broker, 0.0):
+            ran.append(task_id)
+            result(w, task_id, 1)
+        if len(ran) >= count:
+            break
+    return ran
 
 
-def test_a_long_backlog_for_one_key_owner_holds_up_no_other_owner(tmp_path, ctx):
-    # Given a broker that keeps 4 queued tasks in memory, and two workers
-    settings = BrokerSettings(
-        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "t.db"), queue_window=4
-    )
-    broker = Broker(settings, context=ctx)
-    try:
-        c = client(ctx, broker)
-        w1 = worker(ctx, broker, 0.0, b"w1", capacity=1)
-        w2 = worker(ctx, broker, 0.0, b"w2", capacity=2)
-        keys = [f"k{i}" for i in range(100)]
-        mine = next(k for k in keys if broker.placement.ring.owner(k) == "w1")
-        theirs = next(k for k in keys if broker.placement.ring.owner(k) == "w2")
-        # When 10 tasks of a key w1 owns are queued ahead of one of a key w2 owns
-        backlog = submit(c, broker, 0.0, [task(key=mine) for _ in range(10)])
-        (other,) = submit(c, broker, 0.0, [task(key=theirs)])
-        # Then w2's task goes out at once, past w1's backlog
-        assert tasks_sent(w2, broker, 0.0) == [(other, "t.add")]
-        # And every task of w1's key runs on w1, as its one slot frees
-        ran = []
-        for _ in range(30):
-            for task_id, _name in tasks_sent(w1, broker, 0.0):
-                ran.append(task_id)
-                result(w1, task_id, 1)
-            if len(ran) == len(backlog):
-                break
-        assert sorted(ran) == backlog
-        assert tasks_sent(w2, broker, 0.0) == []
-    finally:
-        broker.close()
+def test_many_tasks_no_worker_runs_hold_up_no_others_and_all_run_later(small_window, ctx):
+    broker = small_window
+    c = client(ctx, broker)
+    w_img = worker(ctx, broker, 0.0, b"w-img", capacity=8, tasks=("img.resize",))
+    # When 10 tasks nobody runs are queued ahead of 2 that w-img runs
+    waiting = submit(c, broker, 0.0, [task("pdf.render") for _ in range(10)])
+    mine = submit(c, broker, 0.0, [task("img.resize"), task("img.resize")])
+    # Then w-img gets its 2 all the same, a window's worth of skipping per turn
+    got = tasks_sent(w_img, broker, 0.0) + tasks_sent(w_img, broker, 0.0)
+    assert sorted(got) == [(i, "img.resize") for i in mine]
+    # And a worker that runs pdf.render later gets all 10, read again from the log
+    w_pdf = worker(ctx, broker, 0.0, b"w-pdf", capacity=10, tasks=("pdf.render",))
+    got = tasks_sent(w_pdf, broker, 0.0) + tasks_sent(w_pdf, broker, 0.0)
+    assert sorted(got) == [(i, "pdf.render") for i in waiting]
+
+
+def test_a_long_backlog_of_one_name_holds_up_no_other_and_all_of_it_runs(small_window, ctx):
+    # Given a worker with one slot for img.resize and an idle one for mail.send
+    broker = small_window
+    c = client(ctx, broker)
+    w_img = worker(ctx, broker, 0.0, b"w-img", capacity=1, tasks=("img.resize",))
+    w_mail = worker(ctx, broker, 0.0, b"w-mail", capacity=2, tasks=("mail.send",))
+    # When 10 img.resize tasks are queued ahead of a mail.send task
+    imgs = submit(c, broker, 0.0, [task("img.resize") for _ in range(10)])
+    (mail,) = submit(c, broker, 0.0, [task("mail.send")])
+    # Then the mail.send task goes out at once, past the img.resize backlog
+    assert tasks_sent(w_mail, broker, 0.0) == [(mail, "mail.send")]
+    # And every img.resize task runs, one at a time, as its worker's slot frees
+    assert sorted(run_each(w_img, broker, len(imgs))) == imgs
+
+
+def test_a_long_backlog_for_one_key_owner_holds_up_no_other_owner(small_window, ctx):
+    # Given two workers, one with a single slot
+    broker = small_window
+    c = client(ctx, broker)
+    w1 = worker(ctx, broker, 0.0, b"w1", capacity=1)
+    w2 = worker(ctx, broker, 0.0, b"w2", capacity=2)
+    keys = [f"k{i}" for i in range(100)]
+    mine = next(k for k in keys if broker.placement.ring.owner(k) == "w1")
+    theirs = next(k for k in keys if broker.placement.ring.owner(k) == "w2")
+    # When 10 tasks of a key w1 owns are queued ahead of one of a key w2 owns
+    backlog = submit(c, broker, 0.0, [task(key=mine) for _ in range(10)])
+    (other,) = submit(c, broker, 0.0, [task(key=theirs)])
+    # Then w2's task goes out at once, past w1's backlog
+    assert tasks_sent(w2, broker, 0.0) == [(other, "t.add")]
+    # And every task of w1's key runs on w1, as its one slot frees
+    assert sorted(run_each(w1, broker, len(backlog))) == backlog
+    assert tasks_sent(w2, broker, 0.0) == []
 
 
 def test_a_busy_worker_holds_up_no_task_of_another_name(broker, ctx):
@@ -648,10 +610,7 @@ def test_a_busy_worker_holds_up_no_task_of_another_name(broker, ctx):
 def test_get_and_tasks_answer_only_as_many_views_as_fit_in_one_message(tmp_path, ctx):
     # Given a broker whose messages hold 8 KiB, and 5 tasks whose results are 1,000 bytes
     limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=8192)
-    settings = BrokerSettings(
-        endpoint="tcp://127.0.0.1:*", db_path=str(tmp_path / "t.db"), limits=limits
-    )
-    broker = Broker(settings, context=ctx)
+    broker = make_broker(tmp_path, ctx, limits=limits)
     try:
         c = client(ctx, broker)
         w = worker(ctx, broker, 0.0, capacity=5)
