@@ -73,23 +73,14 @@ def install(role: str, out_dir: Path | None) -> None:
 
         # _seal_turn runs right after the turn's COMMIT returned.
         Broker._seal_turn = stamped("broker committed", Broker._seal_turn)
-        syncer = WalSyncer
-        syncer.sync_here = stamped("broker synced inline", syncer.sync_here, after=True)
-        syncer.request = stamped("broker asks its sync thread", syncer.request)
-        syncer.clear_wakeups = stamped("broker hears the sync", syncer.clear_wakeups)
+        WalSyncer.sync_here = stamped("broker synced inline", WalSyncer.sync_here, after=True)
+        WalSyncer.request = stamped("broker asks its sync thread", WalSyncer.request)
+        WalSyncer.clear_wakeups = stamped("broker hears the sync", WalSyncer.clear_wakeups)
     elif role == "worker":
         from taskring.workers import pools
 
-        run = pools.run_assignment
-
-        def run_assignment(*args: Any, **kwargs: Any) -> Any:
-            mark("task thread starts")
-            try:
-                return run(*args, **kwargs)
-            finally:
-                mark("task thread ends")
-
-        pools.run_assignment = run_assignment
+        ends = stamped("task thread ends", pools.run_assignment, after=True)
+        pools.run_assignment = stamped("task thread starts", ends)
     if out_dir is not None:
         atexit.register(dump, out_dir / f"{role}-{os.getpid()}.txt")
 
