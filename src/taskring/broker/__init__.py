@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from types import FrameType
@@ -13,10 +14,21 @@ __all__ = ["Broker", "BrokerSettings", "run_broker"]
 
 log = logging.getLogger(__name__)
 
+# The loop makes a few dozen short-lived objects per task, nearly all freed by
+# reference counting. At CPython's default of 700 allocations the cyclic
+# collector ran about every 120 tasks, and its older generations walked the
+# jobs held in memory; at this threshold it runs about once per 20,000 tasks.
+# Paired runs of the throughput workload: a median ratio of 1.07 (10 pairs).
+GC_YOUNG_THRESHOLD = 50_000
+
 
 def run_broker(settings: BrokerSettings) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP rereads the allowed keys. Handlers set flags."""
     broker = Broker(settings)
+    # What startup built lives until exit: never scan it again. Only here, in
+    # the broker's own process: a Broker embedded elsewhere keeps its host's GC.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         broker.stop()
