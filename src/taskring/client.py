@@ -307,11 +307,25 @@ class Client:
         return [TaskInfo.from_view(view) for view in views]
 
     def history(self, task_id: int) -> tuple[TaskInfo | None, list[dict[str, Any]]]:
-        """The task's current view (None if unknown) and its event log, oldest first."""
-        reply = self._request(protocol.HISTORY, {"id": task_id})
-        events = reply.get("events")
-        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
-            raise malformed("HISTORY reply has no event list")
+        """The task's current view (None if unknown) and its event log, oldest first.
+
+        A long history comes a page at a time (each REPLY fits the size
+        limit); this asks for pages until the broker says there are no more.
+        """
+        events: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            reply = self._request(protocol.HISTORY, {"id": task_id, "after": after})
+            page = reply.get("events")
+            if not isinstance(page, list) or not all(isinstance(e, dict) for e in page):
+                raise malformed("HISTORY reply has no event list")
+            events += page
+            if not reply.get("more"):
+                break
+            last: Any = page[-1].get("n") if page else None
+            if not is_int(last) or last <= after:
+                raise malformed("HISTORY reply says there is more but gives no later event number")
+            after = last
         view = reply.get("task")
         return (TaskInfo.from_view(view) if view is not None else None), events
 

@@ -432,6 +432,7 @@ class ListTasks:
 class History:
     seq: int
     id: int
+    after: int  # only events numbered above this one: the `n` of the last event a page carried
 
 
 def _new_task(item: Any, limits: Limits) -> NewTask:
@@ -512,7 +513,8 @@ def decode_tasks(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Li
 
 
 def decode_history(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> History:
-    return History(seq=_count(body, "seq"), id=_count(body, "id"))
+    after = 0 if body.get("after") is None else _count(body, "after")
+    return History(seq=_count(body, "seq"), id=_count(body, "id"), after=after)
 
 
 # ---------------------------------------------------------------- worker messages

@@ -370,6 +370,46 @@ def test_notify_is_split_so_no_message_outgrows_the_size_limit(tmp_path, ctx):
         b.close()
 
 
+def test_a_long_history_comes_in_pages_under_the_size_limit(tmp_path, ctx):
+    # Given a broker whose messages may be 16 KiB, and a task with 400 checkpoint events
+    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384)
+    b = make_broker(tmp_path, ctx, limits=limits)
+    try:
+        c = client(ctx, b)
+        (task_id,) = submit(c, b, 0.0, [task()])
+        with b.store.turn():
+            for n in range(1, 401):
+                b.store.event(task_id, "checkpointed", 1, "w1", f"checkpoint {n}", 1.0)
+        # When a client reads its history, page after page
+        details, sizes, after, more = [], [], 0, True
+        while more:
+            c.request(p.HISTORY, {"id": task_id, "after": after})
+            b.poll_once(now=0.0, timeout_s=0.5)
+            frames = c.socket.recv_multipart()
+            sizes.append(sum(len(f) for f in frames))
+            reply = p.unpack(frames[2])
+            numbers = [e["n"] for e in reply["events"]]
+            assert numbers == sorted(numbers) and numbers[0] > after
+            details += [e["detail"] for e in reply["events"]]
+            after, more = numbers[-1], reply["more"]
+        # Then every event arrives once, in order, over several REPLYs under the limit
+        assert details == [None] + [f"checkpoint {n}" for n in range(1, 401)]
+        assert len(sizes) >= 3 and max(sizes) < limits.max_message_bytes
+    finally:
+        b.close()
+
+
+def test_history_of_an_unknown_task_is_empty_and_complete(broker, ctx):
+    c = client(ctx, broker)
+    c.request(p.HISTORY, {"id": 999})
+    assert c.expect(broker, 0.0, p.REPLY) | {"seq": 0} == {
+        "seq": 0,
+        "task": None,
+        "events": [],
+        "more": False,
+    }
+
+
 def test_duplicate_result_is_acknowledged_and_applied_once(broker, ctx):
     w = worker(ctx, broker, 0.0)
     (task_id,) = submit(client(ctx, broker), broker, 0.0, [task()])

@@ -463,6 +463,31 @@ def test_broker_status_history_and_list(client, broker, in_thread):
     assert info is not None and info.id == 1 and events == [event]
 
 
+def test_history_asks_for_pages_until_the_broker_says_there_are_no_more(client, broker, in_thread):
+    # Given a history the broker answers in two pages
+    pending = in_thread(client.history, 7)
+    first = {"n": 3, "at": 1.0, "kind": "submitted", "attempt": 0, "worker": None, "detail": None}
+    second = {"n": 9, "at": 2.0, "kind": "leased", "attempt": 1, "worker": "w1", "detail": None}
+    identity, _, body = broker.recv()
+    assert (body["id"], body["after"]) == (7, 0)
+    broker.reply(identity, body["seq"], task=view(7), events=[first], more=True)
+    # When the client asks again, it asks for what follows the last event it got
+    identity, _, body = broker.recv()
+    assert (body["id"], body["after"]) == (7, 3)
+    broker.reply(identity, body["seq"], task=view(7, protocol.RUNNING), events=[second], more=False)
+    # Then it returns both pages in order, and the view of the last one
+    info, events = pending.result(timeout=5)
+    assert events == [first, second] and info is not None and info.state == protocol.RUNNING
+
+
+def test_history_that_claims_more_without_a_later_event_is_refused(client, broker, in_thread):
+    pending = in_thread(client.history, 7)
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], task=view(7), events=[], more=True)
+    with pytest.raises(TaskringError, match="no later event number"):
+        pending.result(timeout=5)
+
+
 def test_the_safety_net_get_takes_turns_when_many_tasks_are_pending(
     client, broker, in_thread, monkeypatch
 ):

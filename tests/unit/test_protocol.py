@@ -200,7 +200,9 @@ def test_get_status_history_round_trip() -> None:
     status = p.decode_status(received(p.PROTOCOL_CLIENT, p.STATUS, {"seq": 3}).body)
     assert status == p.Status(seq=3)
     history = p.decode_history(received(p.PROTOCOL_CLIENT, p.HISTORY, {"seq": 5, "id": 42}).body)
-    assert history == p.History(seq=5, id=42)
+    assert history == p.History(seq=5, id=42, after=0)
+    paged = {"seq": 6, "id": 42, "after": 17}
+    assert p.decode_history(paged) == p.History(seq=6, id=42, after=17)
 
 
 def test_tasks_round_trip_and_defaults() -> None:
@@ -698,6 +700,7 @@ BAD_FIELDS = [
     ("history", lambda: {"seq": 1}, B, "'id' is missing"),
     ("history", lambda: {"seq": 1, "id": -42}, B, "'id' is out of range"),
     ("history", lambda: {"seq": 1, "id": b"42"}, B, "'id' has the wrong type"),
+    ("history", lambda: {"seq": 1, "id": 42, "after": -1}, B, "'after' is out of range"),
     ("ready", with_(READY, capacity=0), B, "capacity must be 1..1000"),
     ("ready", with_(READY, capacity=1001), B, "capacity must be 1..1000"),
     ("ready", with_(READY, capacity=True), B, "'capacity' has the wrong type"),

@@ -511,10 +511,18 @@ class Broker:
     def _on_history(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_history(envelope.body, self.limits)
         row = self.store.views([request.id]).get(request.id)
-        events = [dict(e) for e in self.store.history(request.id)] if row else []
+        # One more than a page can hold, so `more` is known without a second query.
+        limit = self.limits.max_batch + 1
+        rows = self.store.history(request.id, request.after, limit) if row else []
+        events = p.first_message([dict(e) for e in rows], _event_bytes, self.limits) if rows else []
         self._reply(
             envelope.identity,
-            {"seq": request.seq, "task": p.task_view(row) if row else None, "events": events},
+            {
+                "seq": request.seq,
+                "task": p.task_view(row) if row else None,
+                "events": events,
+                "more": len(events) < len(rows),
+            },
         )
 
     # ------------------------------------------------------------ workers
@@ -859,6 +867,11 @@ def _view_bytes(view: dict[str, Any] | None) -> int:
         return 16
     text = len(view["name"]) + len(view["key"] or "") + len(view["worker"] or "")
     return len(view["result"] or b"") + len(view["error"] or "") + text + 128
+
+
+def _event_bytes(event: dict[str, Any]) -> int:
+    # A task that checkpointed for a day has a history of megabytes.
+    return len(event["kind"]) + len(event["worker"] or "") + len(event["detail"] or "") + 48
 
 
 def _seq(envelope: p.Envelope) -> int | None:

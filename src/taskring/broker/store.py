@@ -328,10 +328,12 @@ class Store:
             f"SELECT {VIEW_COLUMNS} FROM tasks{clause} ORDER BY id DESC LIMIT ?", (*params, limit)
         )
 
-    def history(self, task_id: int) -> list[Row]:
+    def history(self, task_id: int, after: int = 0, limit: int = -1) -> list[Row]:
+        """A task's events numbered above `after` (`n`, the log order), at most `limit`."""
         return self._rows(
-            "SELECT at, kind, attempt, worker, detail FROM events WHERE task_id = ? ORDER BY id",
-            (task_id,),
+            "SELECT id AS n, at, kind, attempt, worker, detail FROM events"
+            " WHERE task_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (task_id, after, limit),
         )
 
     def count_by_state(self) -> dict[str, int]:
