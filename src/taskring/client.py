@@ -18,6 +18,7 @@ once a second.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -195,7 +196,10 @@ class Client:
         if window < 1:
             raise ValueError("window must be at least 1")
         items = encode_many(name, arglist, key)
-        batches = [items[i : i + batch] for i in range(0, len(items), batch)]
+        # Cut by size too: the broker's socket drops a SUBMIT over
+        # max_message_bytes without an answer, and each task may be 1 MiB.
+        limits = dataclasses.replace(_LIMITS, max_batch=batch)
+        batches = protocol.split_by_size(items, _item_bytes, limits)
         ids: list[list[int]] = [[] for _ in batches]
         in_flight: dict[int, tuple[int, float]] = {}  # seq -> (batch index, deadline)
         sent = answered = 0
@@ -568,3 +572,7 @@ def _unknown_names(reply: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, .
     if not isinstance(unknown, list) or not isinstance(known, list):
         raise malformed("SUBMIT reply has bad unknown/known name lists")
     return tuple(str(n) for n in unknown), tuple(str(n) for n in known)
+
+
+def _item_bytes(item: dict[str, Any]) -> int:
+    return len(item["payload"]) + len(item["name"]) + len(item.get("key") or "") + 32

@@ -266,6 +266,23 @@ def test_submit_many_keeps_at_most_window_in_flight_and_keeps_order(
     assert keys == {f"user-{i}" for i in range(7)}
 
 
+def test_submit_many_cuts_batches_that_would_outgrow_a_message(patient_client, broker, in_thread):
+    # Given 20 tasks whose arguments pack to almost 1 MiB each: 20 MiB in all
+    big = b"x" * (protocol.DEFAULT_LIMITS.max_payload_bytes - 100)
+    pending = in_thread(patient_client.submit_many, "add", [[big] for _ in range(20)])
+    # When the broker answers every SUBMIT it gets
+    sizes, count = [], 0
+    while count < 20:
+        identity, _, body = broker.recv()
+        sizes.append(len(protocol.pack(body)))
+        ids = list(range(count + 1, count + len(body["tasks"]) + 1))
+        count += len(ids)
+        broker.reply(identity, body["seq"], ids=ids, unknown=[])
+    # Then each SUBMIT stayed under the size limit, and every task was sent once
+    assert pending.result(timeout=5) == list(range(1, 21))
+    assert len(sizes) >= 3 and max(sizes) < protocol.DEFAULT_LIMITS.max_message_bytes
+
+
 def test_submit_many_sends_the_first_batch_alone(patient_client, broker, in_thread):
     # Given a strict submit_many of several batches
     pending = in_thread(
