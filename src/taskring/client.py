@@ -301,14 +301,27 @@ class Client:
         limit: int = 50,
         before_id: int | None = None,
     ) -> list[TaskInfo]:
-        """Tasks newest first, optionally only one state or name; page with before_id."""
-        reply = self._request(
-            protocol.TASKS, {"state": state, "name": name, "limit": limit, "before_id": before_id}
-        )
-        views = reply.get("tasks")
-        if not isinstance(views, list):
-            raise malformed("TASKS reply has no task list")
-        return [TaskInfo.from_view(view) for view in views]
+        """Up to `limit` tasks newest first, optionally of one state or name; page with before_id.
+
+        The broker cuts a REPLY short where its views would outgrow a message,
+        so this asks again after the last id until it has `limit` tasks or a
+        REPLY brings none.
+        """
+        tasks: list[TaskInfo] = []
+        while len(tasks) < limit:
+            body = {"state": state, "name": name, "limit": limit - len(tasks)}
+            reply = self._request(protocol.TASKS, body | {"before_id": before_id})
+            views = reply.get("tasks")
+            if not isinstance(views, list):
+                raise malformed("TASKS reply has no task list")
+            page = [TaskInfo.from_view(view) for view in views]
+            if not page:
+                break
+            if before_id is not None and any(t.id >= before_id for t in page):
+                raise malformed("TASKS reply went back to ids already listed")
+            tasks += page
+            before_id = min(t.id for t in page)
+        return tasks
 
     def history(self, task_id: int) -> tuple[TaskInfo | None, list[dict[str, Any]]]:
         """The task's current view (None if unknown) and its event log, oldest first.

@@ -289,7 +289,9 @@ def test_status_shows_workers_and_states(serve):
 def test_tasks_and_history_render(serve):
     def handler(command: bytes, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         if command == protocol.TASKS:
-            return protocol.REPLY, {"tasks": [view(2, protocol.RUNNING), view(1, protocol.QUEUED)]}
+            views = [view(2, protocol.RUNNING), view(1, protocol.QUEUED)]
+            below = body.get("before_id") or 3
+            return protocol.REPLY, {"tasks": [v for v in views if v["id"] < below]}
         event = {"at": 1.0, "kind": "submitted", "attempt": 0, "worker": None, "detail": None}
         return protocol.REPLY, {"task": view(1, protocol.QUEUED), "events": [event]}
 

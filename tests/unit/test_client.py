@@ -480,6 +480,33 @@ def test_broker_status_history_and_list(client, broker, in_thread):
     assert info is not None and info.id == 1 and events == [event]
 
 
+def test_list_tasks_asks_again_after_a_reply_cut_short_by_size(client, broker, in_thread):
+    # Given a listing of 5 tasks the broker cuts short after 2 (large results)
+    pending = in_thread(client.list_tasks, limit=5)
+    identity, _, body = broker.recv()
+    assert (body["limit"], body["before_id"]) == (5, None)
+    broker.reply(identity, body["seq"], tasks=[view(9), view(8)])
+    # When the client asks again, it asks for the rest, below the last id it got
+    identity, _, body = broker.recv()
+    assert (body["limit"], body["before_id"]) == (3, 8)
+    broker.reply(identity, body["seq"], tasks=[view(6)])
+    identity, _, body = broker.recv()
+    assert (body["limit"], body["before_id"]) == (2, 6)
+    broker.reply(identity, body["seq"], tasks=[])
+    # Then a REPLY with no tasks ends it, and it has every task in order
+    assert [t.id for t in pending.result(timeout=5)] == [9, 8, 6]
+
+
+def test_list_tasks_refuses_a_page_that_goes_back(client, broker, in_thread):
+    pending = in_thread(client.list_tasks, limit=5)
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], tasks=[view(9), view(8)])
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], tasks=[view(8)])
+    with pytest.raises(TaskringError, match="went back"):
+        pending.result(timeout=5)
+
+
 def test_history_asks_for_pages_until_the_broker_says_there_are_no_more(client, broker, in_thread):
     # Given a history the broker answers in two pages
     pending = in_thread(client.history, 7)
