@@ -323,6 +323,28 @@ class Client:
             before_id = min(t.id for t in page)
         return tasks
 
+    def cancel(self, ids: Iterable[int]) -> dict[int, str | None]:
+        """Cancel tasks that are queued or running; returns each id's state afterwards.
+
+        `cancelled` for a task cancelled now or before; the final state of one
+        that had already ended, which stays as it was; None for an unknown id.
+        A running task is told at its next checkpoint (`ctx.lease_lost`), and
+        its result is not applied. With CURVE, only the key that submitted a
+        task may cancel it (RequestRejected otherwise, and nothing changes).
+        """
+        wanted = list(dict.fromkeys(ids))
+        states: dict[int, str | None] = {}
+        for start in range(0, len(wanted), _LIMITS.max_batch):
+            chunk = wanted[start : start + _LIMITS.max_batch]
+            reply = self._request(protocol.CANCEL, {"ids": chunk})
+            answered = reply.get("states")
+            if not isinstance(answered, list) or len(answered) != len(chunk):
+                raise malformed("CANCEL reply has no state for each id")
+            if not all(s is None or s in protocol.ALL_STATES for s in answered):
+                raise malformed("CANCEL reply has an unknown state")
+            states.update(zip(chunk, answered, strict=True))
+        return states
+
     def history(self, task_id: int) -> tuple[TaskInfo | None, list[dict[str, Any]]]:
         """The task's current view (None if unknown) and its event log, oldest first.
 

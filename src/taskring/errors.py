@@ -25,7 +25,7 @@ class TaskNotFound(TaskringError):
 
 
 class TaskFailed(TaskringError):
-    """The task ended in state failed or dead; `error` is the reason recorded."""
+    """The task ended in state failed, dead or cancelled; `error` is the reason recorded."""
 
     def __init__(self, task_id: int, state: str, error: str | None) -> None:
         super().__init__(f"task {task_id} {state}: {error or 'no reason recorded'}")

@@ -37,6 +37,7 @@ GET = b"GET"
 STATUS = b"STATUS"
 TASKS = b"TASKS"
 HISTORY = b"HISTORY"
+CANCEL = b"CANCEL"
 # Broker -> client
 REPLY = b"REPLY"
 NOTIFY = b"NOTIFY"
@@ -54,7 +55,7 @@ DISCONNECT = b"DISCONNECT"
 # Broker -> client or worker
 ERROR = b"ERROR"
 
-CLIENT_TO_BROKER = frozenset({SUBMIT, GET, STATUS, TASKS, HISTORY})
+CLIENT_TO_BROKER = frozenset({SUBMIT, GET, STATUS, TASKS, HISTORY, CANCEL})
 BROKER_TO_CLIENT = frozenset({REPLY, NOTIFY, ERROR})
 WORKER_TO_BROKER = frozenset({READY, HEARTBEAT, RESULT, CHECKPOINT, DISCONNECT})
 BROKER_TO_WORKER = frozenset({WELCOME, TASK, ACK, HEARTBEAT, DISCONNECT, ERROR})
@@ -66,8 +67,9 @@ RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 DEAD = "dead"  # dead-lettered: max_attempts used up by lost or crashed attempts
-FINAL_STATES = frozenset({SUCCEEDED, FAILED, DEAD})
-ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DEAD)
+CANCELLED = "cancelled"  # by a client's CANCEL, queued or running
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, DEAD, CANCELLED})
+ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DEAD, CANCELLED)
 
 # Error codes carried by ERROR bodies. Stable strings: clients match on them.
 E_BAD_FRAMES = "bad-frames"
@@ -429,6 +431,12 @@ class ListTasks:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Cancel:
+    seq: int
+    ids: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class History:
     seq: int
     id: int
@@ -490,6 +498,10 @@ def decode_get(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Get:
         ids=_ids(body, limits),
         watch=bool(_optional(body, "watch", bool, False)),
     )
+
+
+def decode_cancel(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Cancel:
+    return Cancel(seq=_count(body, "seq"), ids=_ids(body, limits))
 
 
 def decode_status(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Status:

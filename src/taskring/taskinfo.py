@@ -38,7 +38,7 @@ class TaskInfo:
 
     @property
     def done(self) -> bool:
-        """True once the task is succeeded, failed or dead (it will not change again)."""
+        """True once the task is succeeded, failed, dead or cancelled (it will not change again)."""
         return self.state in protocol.FINAL_STATES
 
     @property

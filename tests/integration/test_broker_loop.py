@@ -10,6 +10,7 @@ import dataclasses
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -900,3 +901,104 @@ def test_watches_are_bounded(broker, ctx, monkeypatch):
     c.request(p.SUBMIT, {"tasks": [task() for _ in range(3)], "watch": True})
     ids = c.expect(broker, 0.0, p.REPLY)["ids"]
     assert sorted(broker.watchers) == ids[:2]
+
+
+# ---------------------------------------------------------------- cancel
+
+
+def cancel(c: Peer, broker: Broker, *ids: int) -> list[str | None]:
+    c.request(p.CANCEL, {"ids": list(ids)})
+    return list(c.expect(broker, 0.0, p.REPLY)["states"])
+
+
+def kinds(broker: Broker, task_id: int) -> list[str]:
+    return [k for (k,) in db_rows(broker, "SELECT kind FROM events WHERE task_id = ?", task_id)]
+
+
+def test_a_cancelled_queued_task_is_never_dispatched(broker, ctx):
+    # Given two queued tasks and no worker yet
+    c = client(ctx, broker)
+    first, second = submit(c, broker, 0.0, [task(), task()])
+    # When the first is cancelled, along with an id that does not exist
+    assert cancel(c, broker, first, 999) == ["cancelled", None]
+    # Then a worker that joins gets only the second, and the log says why
+    w = worker(ctx, broker, 0.0, capacity=4)
+    assert [t["id"] for t in w.expect(broker, 0.0, p.TASK)["tasks"]] == [second]
+    assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
+    assert kinds(broker, first) == ["submitted", "cancelled"]
+    c.request(p.STATUS, {})
+    assert c.expect(broker, 0.0, p.REPLY)["states"] == {"cancelled": 1, "running": 1}
+
+
+def test_a_cancelled_running_task_hears_stale_and_its_result_is_refused(broker, ctx):
+    # Given a running task a client watches
+    c = client(ctx, broker)
+    w = worker(ctx, broker, 0.0, capacity=1)
+    c.request(p.SUBMIT, {"tasks": [task()], "watch": True})
+    (task_id,) = c.expect(broker, 0.0, p.REPLY)["ids"]
+    w.expect(broker, 0.0, p.TASK)
+    # When it is cancelled
+    c.request(p.CANCEL, {"ids": [task_id]})
+    replies = dict(c.drain(broker, 0.0))
+    # Then the watcher hears it ended, cancelled
+    assert replies[p.REPLY]["states"] == ["cancelled"]
+    assert [(v["id"], v["state"]) for v in replies[p.NOTIFY]["tasks"]] == [(task_id, "cancelled")]
+    # ... its slot stays taken while the worker still runs it
+    (waiting,) = submit(c, broker, 0.0, [task()])
+    assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
+    # ... the worker's next checkpoint and its result are answered stale, and change nothing
+    w.request(p.CHECKPOINT, checkpoints(task_id, 1, (1, "half")))
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == [task_id]
+    result(w, task_id, 1)
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == [task_id]
+    # ... and once the worker has let it go, the slot takes the next task
+    assert [t["id"] for t in w.expect(broker, 0.0, p.TASK)["tasks"]] == [waiting]
+    assert db_rows(broker, "SELECT state, checkpoint_no FROM tasks WHERE id = ?", task_id) == [
+        ("cancelled", 0)
+    ]
+    assert kinds(broker, task_id) == ["submitted", "leased", "cancelled", "stale", "stale"]
+
+
+def test_a_finished_task_is_not_cancelled(broker, ctx):
+    c = client(ctx, broker)
+    w = worker(ctx, broker, 0.0)
+    (task_id,) = submit(c, broker, 0.0, [task()])
+    w.expect(broker, 0.0, p.TASK)
+    result(w, task_id, 1)
+    w.expect(broker, 0.0, p.ACK)
+    assert cancel(c, broker, task_id) == ["succeeded"]
+    assert kinds(broker, task_id) == ["submitted", "leased", "succeeded"]
+
+
+def test_a_cancel_read_in_the_same_turn_as_the_result_leaves_the_task_succeeded(broker, ctx):
+    # Given a running task
+    c = client(ctx, broker)
+    w = worker(ctx, broker, 0.0)
+    (task_id,) = submit(c, broker, 0.0, [task()])
+    w.expect(broker, 0.0, p.TASK)
+    # When its result and then a cancel reach the broker before its next turn
+    result(w, task_id, 1)
+    time.sleep(0.05)
+    c.request(p.CANCEL, {"ids": [task_id]})
+    time.sleep(0.05)
+    broker.poll_once(now=0.0, timeout_s=0.5)
+    # Then the result, first, wins: one final event, and the cancel says it came too late
+    assert c.expect(broker, 0.0, p.REPLY)["states"] == ["succeeded"]
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == []
+    assert kinds(broker, task_id) == ["submitted", "leased", "succeeded"]
+
+
+@pytest.mark.parametrize("key", ["k", None], ids=["set-aside-for-its-owner", "in-the-queue"])
+def test_a_cancelled_task_waiting_in_memory_is_dropped(broker, ctx, key):
+    # Given a worker of capacity 1 running one task, and two more waiting in memory
+    c = client(ctx, broker)
+    w = worker(ctx, broker, 0.0, capacity=1)
+    first, second, third = submit(c, broker, 0.0, [task(key=key) for _ in range(3)])
+    assert [t["id"] for t in w.expect(broker, 0.0, p.TASK)["tasks"]] == [first]
+    w.drain(broker, 0.0)
+    # When the second is cancelled and the first finishes
+    assert cancel(c, broker, second) == ["cancelled"]
+    result(w, first, 1)
+    # Then the freed slot goes to the third
+    got = [b for cmd, b in w.drain(broker, 0.0) if cmd == p.TASK]
+    assert [t["id"] for b in got for t in b["tasks"]] == [third]

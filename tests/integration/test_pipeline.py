@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +145,31 @@ def test_a_worker_sigterm_drains_and_leaves_cleanly(cluster: Cluster) -> None:
         assert handle.result(timeout=20) == 0.5  # finished, not abandoned
         assert proc.wait(10) == 0
         assert client.status(handle.id).attempt == 1
+
+
+def test_a_cancelled_running_task_stops_at_its_next_checkpoint(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Given a worker with one slot running a long task that checkpoints after every unit
+    cluster.start_broker()
+    cluster.start_worker("w1", module="crash_tasks", concurrency=1)
+    cluster.wait_workers("w1")
+    log = tmp_path / "units.log"
+    with cluster.client() as client:
+        handle = client.submit("crash_tasks.units", str(log), 500, 1, 0.01)
+        wait_for(lambda: log.exists() and "unit" in log.read_text(), 20, "the task to start")
+        # When it is cancelled while it runs
+        assert client.cancel([handle.id]) == {handle.id: "cancelled"}
+        # Then it stops early: its slot runs the next task, and its log stops growing
+        assert client.submit("crash_tasks.square", 7).result(timeout=20) == 49
+        units = log.read_text().count("unit,")
+        assert units < 500
+        time.sleep(0.3)
+        assert log.read_text().count("unit,") == units
+        # ... and it stays cancelled: the result of the stopped attempt was refused
+        info, events = client.history(handle.id)
+    assert info is not None and info.state == "cancelled"
+    kinds = [e["kind"] for e in events]
+    assert kinds[:3] == ["submitted", "leased", "checkpointed"]
+    assert "cancelled" in kinds and "succeeded" not in kinds
+    assert kinds.count("stale") >= 1

@@ -14,7 +14,7 @@ from cluster import Cluster, wait_for
 from taskring import protocol as p
 from taskring.broker import Broker, BrokerSettings
 from taskring.client import Client
-from taskring.errors import BrokerUnavailable
+from taskring.errors import BrokerUnavailable, RequestRejected
 from taskring.security import (
     CurveClientConfig,
     CurveServerConfig,
@@ -80,6 +80,25 @@ def test_allowed_client_and_worker_work_end_to_end(cluster: Cluster, keys: Path)
     app_key = (keys / "keys/app.key").read_text().split('public-key = "')[1][:40]
     rows = _query(cluster, "SELECT client FROM tasks WHERE id = ?", handle.id)
     assert rows[0][0].startswith(app_key + "/")
+
+
+def test_only_the_key_that_submitted_a_task_may_cancel_it(cluster: Cluster, keys: Path) -> None:
+    # Given two queued tasks submitted by app, and another allowed key
+    start_secure(cluster, keys)
+    generate_keypair(keys / "keys", "other")
+    (keys / "allow/other.key").write_bytes((keys / "keys/other.key").read_bytes())
+    assert cluster.broker is not None
+    cluster.signal(cluster.broker, signal.SIGHUP)
+    wait_for(lambda: "allowed keys reloaded" in cluster.logs(), 10, "the broker to reload keys")
+    with cluster.client() as app:
+        first, second = (app.submit("tt_tasks.add", i, i).id for i in (1, 2))
+        # When the other key tries to cancel both
+        with Client(cluster.endpoint, timeout_s=5, curve=curve_for(keys, "other")) as other:
+            with pytest.raises(RequestRejected, match="submitted by another key"):
+                other.cancel([second, first])
+        # Then nothing changed, and the submitting key may cancel them
+        assert [app.status(i).state for i in (first, second)] == ["queued", "queued"]
+        assert app.cancel([first, second]) == {first: "cancelled", second: "cancelled"}
 
 
 @pytest.mark.parametrize("who", ["unknown key", "plaintext", "wrong server key"])

@@ -24,7 +24,7 @@ from taskring.cli import app
 from taskring.cli.common import ExitCode
 
 runner = CliRunner()
-COMMANDS = ["broker", "worker", "submit", "result", "status", "tasks", "history", "demo"]
+COMMANDS = ["broker", "worker", "submit", "result", "cancel", "status", "tasks", "history", "demo"]
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 Handler = Callable[[bytes, dict[str, Any]], tuple[bytes, dict[str, Any]]]
@@ -284,6 +284,28 @@ def test_status_shows_workers_and_states(serve):
     assert result.exit_code == 0, result.output
     assert "w1" in result.stdout and "3/4" in result.stdout and "50.0%" in result.stdout
     assert any(line.split() == ["queued", "9"] for line in result.stdout.splitlines())
+
+
+def test_cancel_says_what_became_of_each_task_and_exits_1_if_any_was_not_cancelled(serve):
+    # Given a broker that cancels 5, finds 6 already succeeded, and knows no 7
+    answers = {5: protocol.CANCELLED, 6: protocol.SUCCEEDED, 7: None}
+
+    def handler(command: bytes, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        assert command == protocol.CANCEL
+        return protocol.REPLY, {"states": [answers.get(i, protocol.CANCELLED) for i in body["ids"]]}
+
+    broker = serve(handler)
+    # When all three are cancelled, Then each gets a line and the exit status is 1
+    mixed = runner.invoke(app, ["cancel", "5", "6", "7", "-e", broker.endpoint])
+    assert mixed.exit_code == 1
+    assert mixed.stdout == "task 5: cancelled\n"
+    assert mixed.stderr.splitlines() == [
+        "task 6: already succeeded, left as it is",
+        "task 7: no such task",
+    ]
+    # And cancelling only what can be cancelled exits 0
+    assert runner.invoke(app, ["cancel", "5", "-e", broker.endpoint]).exit_code == 0
+    assert broker.received[0][1]["ids"] == [5, 6, 7]
 
 
 def test_tasks_and_history_render(serve):

@@ -48,7 +48,7 @@ class Log:
         implied = "queued"
         for e in events:
             implied = {"leased": "running", "retried": "queued"}.get(e[0], implied)
-            implied = e[0] if e[0] in ("succeeded", "failed", "dead") else implied
+            implied = e[0] if e[0] in ("succeeded", "failed", "dead", "cancelled") else implied
         conn = self.store.conn
         with self.store.turn():
             conn.execute(
@@ -220,6 +220,22 @@ def test_two_final_events_are_a_duplicate(log):
     report = check(log.path)
     assert report.duplicated == 1
     assert "task 1 ended 2 times" in messages(report, "duplicated")[0]
+
+
+def test_tasks_cancelled_queued_or_running_are_clean(log):
+    # Given one task cancelled before any lease, one while running, whose result was refused
+    log.task(1, [("submitted", 0), ("cancelled", 0)])
+    log.task(2, [("submitted", 0), ("leased", 1), ("cancelled", 1), ("stale", 1)])
+    # Then neither breaks a rule: cancelled is final and needs no lease
+    report = check(log.path, drained=True)
+    assert report.violations == []
+
+
+def test_a_cancelled_task_that_also_succeeded_is_a_duplicate(log):
+    log.task(1, [("submitted", 0), ("leased", 1), ("cancelled", 1), ("succeeded", 1)])
+    assert "task 1 ended 2 times: cancelled (attempt 1), succeeded (attempt 1)" in messages(
+        check(log.path), "duplicated"
+    )
 
 
 def test_a_success_of_a_superseded_attempt_is_a_duplicate(log):

@@ -44,6 +44,8 @@ class Placement:
         # log, and are read again when that group's backlog drains or the workers change.
         self._let_go: set[tuple[str, str]] = set()
         self._reread_due = False
+        # Ids of cancelled jobs that may still be in memory: skipped when they come up.
+        self._forgotten: set[int] = set()
 
     def join(self, name: str, capacity: int, tasks: Iterable[str]) -> None:
         if name in self.ring:
@@ -60,6 +62,11 @@ class Placement:
 
     def requeue(self, job: Job) -> None:
         self.queue.add_back(job)
+
+    def forget(self, task_id: int) -> None:
+        """A queued job left the queue in the log (cancelled): never place it."""
+        if not self.queue.spilled or task_id <= self.queue.cursor:
+            self._forgotten.add(task_id)  # above the cursor it is only in the log
 
     def _membership_changed(self) -> None:
         names = list(self._names.values())
@@ -89,7 +96,12 @@ class Placement:
         for kind, groups in (("owner", self.parked), ("name", self.waiting)):
             for group, jobs in groups.items():
                 pick = self._picker(kind, group, spare)
-                while jobs and (owner := pick(jobs[0])) is not None:
+                while jobs:
+                    if jobs[0].id in self._forgotten:
+                        self._forgotten.discard(jobs.popleft().id)
+                        continue
+                    if (owner := pick(jobs[0])) is None:
+                        break
                     placed.append((jobs.popleft(), workers[owner]))
                     spare[owner] -= 1
                     credit -= 1
@@ -106,6 +118,9 @@ class Placement:
             job = self.queue.pop()
             if job is None:
                 break
+            if job.id in self._forgotten:
+                self._forgotten.discard(job.id)
+                continue
             if job.name in self._everywhere:  # the common case: any worker runs it
                 if job.key is not None:
                     owner = self.ring.owner(job.key)
@@ -155,6 +170,7 @@ class Placement:
         same turn is not in the log yet, and its job would be read as queued.
         """
         self._reread_due = False
+        self._forgotten.clear()  # the log has them cancelled: the read skips them
         self._let_go.clear()
         self.parked.clear()
         self.waiting.clear()

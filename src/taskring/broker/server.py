@@ -41,6 +41,7 @@ COMPLAINT_INTERVAL_S = 10.0  # one log line per misbehaving peer per interval
 MAX_WATCHED_TASKS = 100_000
 # Turns whose messages may wait for the WAL sync before the loop stops reading.
 MAX_UNSYNCED_TURNS = 1_000
+CANCEL_REASON = "cancelled by a client"
 
 
 class Broker:
@@ -115,6 +116,7 @@ class Broker:
             (p.PROTOCOL_CLIENT, p.STATUS): self._on_status,
             (p.PROTOCOL_CLIENT, p.TASKS): self._on_tasks,
             (p.PROTOCOL_CLIENT, p.HISTORY): self._on_history,
+            (p.PROTOCOL_CLIENT, p.CANCEL): self._on_cancel,
             (p.PROTOCOL_WORKER, p.READY): self._on_ready,
             (p.PROTOCOL_WORKER, p.HEARTBEAT): self._on_heartbeat,
             (p.PROTOCOL_WORKER, p.RESULT): self._on_result,
@@ -525,6 +527,56 @@ class Broker:
             },
         )
 
+    def _on_cancel(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        """Queued and running tasks become `cancelled`; a final task stays as it is.
+
+        A running task's lease ends here, as if it were superseded: the worker
+        hears `stale` at its next checkpoint (the task sees ctx.lease_lost) and
+        its result is refused. The slot stays taken until the worker stops
+        reporting the task as held.
+        """
+        request = p.decode_cancel(envelope.body, self.limits)
+        self._flush_writes(wall)  # results applied earlier this turn: the log must show them
+        found = self.store.owners(request.ids)
+        if self._peer_key is not None:
+            # With CURVE, only the key that submitted a task may cancel it.
+            mine = f"{self._peer_key}/"
+            for task_id, (_state, _attempt, client) in found.items():
+                if not (client or "").startswith(mine):
+                    raise p.ProtocolError(
+                        p.E_FORBIDDEN, f"task {task_id} was submitted by another key"
+                    )
+        cancelled: list[tuple[int, int, str | None]] = []
+        for task_id in dict.fromkeys(request.ids):  # an id named twice is cancelled once
+            state, attempt, _client = found.get(task_id, (None, 0, None))
+            worker = None
+            if state == p.RUNNING:
+                lease = self.leases.get(task_id)
+                if lease is not None:
+                    worker = lease.worker
+                    self._end_lease(lease)
+                    holder = self.workers.get(worker)
+                    if holder is not None:
+                        # It runs until it hears: a task sent to the slot now would be
+                        # refused, and every refusal costs that task an attempt.
+                        holder.foreign.add((task_id, attempt))
+            elif state == p.QUEUED:
+                self.placement.forget(task_id)
+            else:
+                continue
+            self._move(state, p.CANCELLED)
+            cancelled.append((task_id, attempt, worker))
+        self.store.cancel(cancelled, CANCEL_REASON, wall)
+        if cancelled:
+            rows = self.store.views([task_id for task_id, _, _ in cancelled])
+            for task_id, row in rows.items():
+                self._notify(task_id, p.task_view(row))
+        done = {task_id for task_id, _, _ in cancelled}
+        states = [
+            p.CANCELLED if i in done else found[i][0] if i in found else None for i in request.ids
+        ]
+        self._reply(envelope.identity, {"seq": request.seq, "states": states})
+
     # ------------------------------------------------------------ workers
 
     def _on_ready(self, envelope: p.Envelope, now: float, wall: float) -> None:
@@ -764,8 +816,7 @@ class Broker:
         worker: str,
         wall: float,
     ) -> None:
-        watchers = self.watchers.pop(job.id, None)
-        if not watchers:
+        if job.id not in self.watchers:
             return
         view = {
             "id": job.id,
@@ -780,7 +831,11 @@ class Broker:
             "created_at": job.created_at,
             "updated_at": wall,
         }
-        for identity in watchers:
+        self._notify(job.id, view)
+
+    def _notify(self, task_id: int, view: dict[str, Any]) -> None:
+        """The watchers of a task that reached a final state get its view in a NOTIFY."""
+        for identity in self.watchers.pop(task_id, ()):
             self._notices.setdefault(identity, []).append(view)
 
     # ------------------------------------------------------------ timers

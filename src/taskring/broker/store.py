@@ -26,7 +26,7 @@ import msgpack
 import sqlite_utils
 
 from taskring.broker.durability import WalSyncer
-from taskring.protocol import FINAL_STATES, QUEUED, RUNNING
+from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
 
 # sqlite3.Row, read by column name; typed loosely because typeshed's Row is
 # not a Mapping, though every reader here uses it as one.
@@ -247,6 +247,17 @@ class Store:
             _INSERT_EVENT, [(i, now, "succeeded", a, w, None) for i, a, w, _r in rows]
         )
 
+    def cancel(self, rows: Sequence[tuple[int, int, str | None]], reason: str, now: float) -> None:
+        """Queued or running tasks to `cancelled`, final: (task id, attempt, worker)."""
+        self.conn.executemany(
+            f"UPDATE tasks SET state = '{CANCELLED}', error = ?, updated_at = ?"
+            f" WHERE id = ? AND state IN ('{QUEUED}', '{RUNNING}')",
+            [(reason, now, i) for i, _a, _w in rows],
+        )
+        self.conn.executemany(
+            _INSERT_EVENT, [(i, now, CANCELLED, a, w, reason) for i, a, w in rows]
+        )
+
     def checkpoints(self, rows: Sequence[tuple[int, int, str, int, bytes]], now: float) -> None:
         """Checkpoints in bulk, in order: (task id, attempt, worker, number, state)."""
         self.conn.executemany(_CHECKPOINT, [(s, n, now, i, a, n) for i, a, _w, n, s in rows])
@@ -303,6 +314,17 @@ class Store:
             marks = ",".join("?" * len(chunk))
             for row in self._rows(f"SELECT {VIEW_COLUMNS} FROM tasks WHERE id IN ({marks})", chunk):
                 found[row["id"]] = row
+        return found
+
+    def owners(self, ids: Sequence[int]) -> dict[int, tuple[str, int, str | None]]:
+        """State, attempt and submitter (`client`) of each task that exists."""
+        found = {}
+        for task_id in ids:
+            row = self.conn.execute(
+                "SELECT state, attempt, client FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+            if row is not None:
+                found[task_id] = row
         return found
 
     def outcome(self, task_id: int) -> Row | None:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from taskring import protocol
 from taskring.chaos.client import ClientPlan, plan_args
 from taskring.chaos.processes import Supervisor
 from taskring.chaos.schedule import (
@@ -343,9 +344,8 @@ def _unfinished(db: Path) -> int:
     """Tasks not final yet, read from the log without writing to it."""
     conn = sqlite3.connect(db.as_uri() + "?mode=ro", uri=True)
     try:
-        row = conn.execute(
-            "SELECT count(*) FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'dead')"
-        ).fetchone()
+        final = ", ".join(f"'{state}'" for state in sorted(protocol.FINAL_STATES))
+        row = conn.execute(f"SELECT count(*) FROM tasks WHERE state NOT IN ({final})").fetchone()
         return int(row[0])
     finally:
         conn.close()

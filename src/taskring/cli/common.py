@@ -29,7 +29,7 @@ class ExitCode(enum.IntEnum):
     """Every exit status the CLI uses, in one place."""
 
     OK = 0
-    FAILED = 1  # a task failed or dead, or the demo could not finish its work
+    FAILED = 1  # a task failed or dead, a cancel missed, or the demo could not finish
     USAGE = 2  # a mistake on the command line or in the request
     UNAVAILABLE = 3  # the broker did not answer in time
     NOT_FINISHED = 4  # the task is not final (--no-wait, or --wait-timeout passed)

@@ -33,6 +33,7 @@ class State(enum.StrEnum):
     succeeded = protocol.SUCCEEDED
     failed = protocol.FAILED
     dead = protocol.DEAD
+    cancelled = protocol.CANCELLED
 
 
 def _attempts(info: TaskInfo) -> str:

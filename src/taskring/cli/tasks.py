@@ -1,4 +1,4 @@
-"""`taskring submit` and `taskring result`: push a task, read what it returned."""
+"""`taskring submit`, `result` and `cancel`: push a task, read what it returned, call it off."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from taskring import protocol
 from taskring.cli.common import (
     EndpointOption,
     ExitCode,
@@ -149,3 +150,31 @@ def result(
         if not info.ok:
             fail(str(TaskFailed(info.id, info.state, info.error)), ExitCode.FAILED)
         typer.echo(to_json(info.value))
+
+
+def cancel(
+    task_ids: Annotated[
+        list[int], typer.Argument(min=0, metavar="ID...", help="Task ids, as submit printed them.")
+    ],
+    endpoint: EndpointOption = DEFAULT_ENDPOINT,
+    timeout: TimeoutOption = 10.0,
+    log_level: LogLevelOption = LogLevel.error,
+) -> None:
+    """Cancel queued or running tasks; exit 1 if any had already ended or does not exist.
+
+    A running task learns it at its next checkpoint (ctx.lease_lost), and its
+    result is not applied.
+    """
+    setup_logging(log_level)
+    with connect(endpoint, timeout) as client:
+        states = client.cancel(task_ids)
+    missed = 0
+    for task_id, state in states.items():
+        if state == protocol.CANCELLED:
+            typer.echo(f"task {task_id}: cancelled")
+            continue
+        missed += 1
+        why = "no such task" if state is None else f"already {state}, left as it is"
+        typer.echo(f"task {task_id}: {why}", err=True)
+    if missed:
+        raise typer.Exit(ExitCode.FAILED)

@@ -3,7 +3,8 @@
 Events are read in log order (events.id). `replay` walks one task's events
 the way the broker's state machine should have moved: submitted -> queued,
 leased -> running (attempt = the lease's), retried -> queued, succeeded /
-failed / dead -> final. adopted, checkpointed and stale change nothing.
+failed / dead -> final, cancelled (queued or running) -> final. adopted,
+checkpointed and stale change nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ INCONSISTENT = "inconsistent"
 UNFINISHED = "unfinished"
 CATEGORIES = (LOST, DUPLICATED, REGRESSION, FENCING, INCONSISTENT, UNFINISHED)
 
-FINAL = frozenset({"succeeded", "failed", "dead"})
+FINAL = frozenset({"succeeded", "failed", "dead", "cancelled"})
 STATE_AFTER = {
     "submitted": "queued",
     "leased": "running",
@@ -30,9 +31,11 @@ STATE_AFTER = {
     "succeeded": "succeeded",
     "failed": "failed",
     "dead": "dead",
+    "cancelled": "cancelled",
 }
-# Events that apply something to the current lease, so need one.
-NEEDS_LEASE = frozenset({"adopted", "checkpointed", "retried", *FINAL})
+# Events that apply something to the current lease, so need one. A task is
+# cancelled with or without one.
+NEEDS_LEASE = frozenset({"adopted", "checkpointed", "retried", *FINAL} - {"cancelled"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
