@@ -9,10 +9,12 @@ import datetime
 import os
 import platform
 import shutil
+import signal
 import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 import taskring
 
@@ -46,8 +48,16 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def workdir(args: argparse.Namespace) -> Iterator[Path]:
+    # SIGTERM unwinds like Ctrl-C, so every `with Children(...)` stops what it
+    # started: killed by default, a benchmark left its broker, workers, Redis and
+    # consumers running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     path = Path(tempfile.mkdtemp(prefix="taskring-bench-", dir=args.workdir))
     ok = False
     try:

@@ -93,9 +93,11 @@ def test_only_the_key_that_submitted_a_task_may_cancel_it(cluster: Cluster, keys
     with cluster.client() as app:
         first, second = (app.submit("tt_tasks.add", i, i).id for i in (1, 2))
         # When the other key tries to cancel both
-        with Client(cluster.endpoint, timeout_s=5, curve=curve_for(keys, "other")) as other:
-            with pytest.raises(RequestRejected, match="submitted by another key"):
-                other.cancel([second, first])
+        with (
+            Client(cluster.endpoint, timeout_s=5, curve=curve_for(keys, "other")) as other,
+            pytest.raises(RequestRejected, match="submitted by another key"),
+        ):
+            other.cancel([second, first])
         # Then nothing changed, and the submitting key may cancel them
         assert [app.status(i).state for i in (first, second)] == ["queued", "queued"]
         assert app.cancel([first, second]) == {first: "cancelled", second: "cancelled"}
