@@ -330,7 +330,9 @@ class Client:
         that had already ended, which stays as it was; None for an unknown id.
         A running task is told at its next checkpoint (`ctx.lease_lost`), and
         its result is not applied. With CURVE, only the key that submitted a
-        task may cancel it (RequestRejected otherwise, and nothing changes).
+        task may cancel it: RequestRejected otherwise. Ids go max_batch to a
+        CANCEL, and a refused CANCEL changes nothing, but batches before it
+        stay cancelled.
         """
         wanted = list(dict.fromkeys(ids))
         states: dict[int, str | None] = {}
@@ -573,7 +575,7 @@ class Client:
             if (
                 isinstance(view, dict)
                 and is_int(view.get("id"))
-                and view.get("state") in protocol.FINAL_STATES
+                and view.get("state") not in protocol.PENDING_STATES
             ):
                 self._notified[view["id"]] = view
         while len(self._notified) > _MAX_BUFFERED_NOTIFY:

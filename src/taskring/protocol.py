@@ -69,6 +69,9 @@ FAILED = "failed"
 DEAD = "dead"  # dead-lettered: max_attempts used up by lost or crashed attempts
 CANCELLED = "cancelled"  # by a client's CANCEL, queued or running
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, DEAD, CANCELLED})
+# The only states that change again. A receiver takes any other state, one a newer
+# broker may add, as final (protocol.md, Versioning).
+PENDING_STATES = frozenset({QUEUED, RUNNING})
 ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, DEAD, CANCELLED)
 
 # Error codes carried by ERROR bodies. Stable strings: clients match on them.

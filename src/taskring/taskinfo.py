@@ -38,8 +38,12 @@ class TaskInfo:
 
     @property
     def done(self) -> bool:
-        """True once the task is succeeded, failed, dead or cancelled (it will not change again)."""
-        return self.state in protocol.FINAL_STATES
+        """True once the task is in a final state (it will not change again).
+
+        Any state but queued and running is final, also one this client does
+        not know yet: a newer broker's final state must not leave wait() hanging.
+        """
+        return self.state not in protocol.PENDING_STATES
 
     @property
     def ok(self) -> bool:

@@ -1002,3 +1002,41 @@ def test_a_cancelled_task_waiting_in_memory_is_dropped(broker, ctx, key):
     # Then the freed slot goes to the third
     got = [b for cmd, b in w.drain(broker, 0.0) if cmd == p.TASK]
     assert [t["id"] for b in got for t in b["tasks"]] == [third]
+
+
+def test_a_cancelled_task_still_in_flight_to_its_worker_keeps_its_slot(broker, ctx):
+    # Given a worker of one slot whose task is cancelled before the worker read its TASK
+    c = client(ctx, broker)
+    w = worker(ctx, broker, 0.0, capacity=1)
+    (first,) = submit(c, broker, 0.0, [task()])
+    assert w.expect(broker, 0.0, p.TASK)["dseq"] == 1
+    assert cancel(c, broker, first) == ["cancelled"]
+    # When a heartbeat sent before that TASK arrived says the worker holds nothing
+    w.send(p.HEARTBEAT, {"dseq": 0, "held": []})
+    w.drain(broker, 0.0)
+    (second,) = submit(c, broker, 0.0, [task()])
+    # Then the slot stays taken: the worker will run the cancelled task
+    assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
+    # And once a heartbeat shows it saw the TASK and let it go, the slot is free
+    w.send(p.HEARTBEAT, {"dseq": 1, "held": []})
+    assert [t["id"] for t in w.expect(broker, 0.0, p.TASK)["tasks"]] == [second]
+
+
+def test_ids_of_cancelled_tasks_nobody_runs_do_not_pile_up_in_memory(tmp_path, ctx):
+    # Given 200 queued tasks no worker runs, let go from memory
+    b = make_broker(tmp_path, ctx, queue_window=40)
+    try:
+        c = client(ctx, b)
+        w = worker(ctx, b, 0.0, capacity=2)
+        ids = submit(c, b, 0.0, [task(name="t.nobody") for _ in range(200)])
+        w.drain(b, 0.0)
+        # When all are cancelled
+        assert set(cancel(c, b, *ids)) == {"cancelled"}
+        w.drain(b, 0.0, turns=20)
+        # Then the broker keeps no list of them: it read the queue again instead
+        assert len(b.placement._forgotten) <= b.settings.queue_window
+        # And a task of a name the worker runs still goes out
+        (runs,) = submit(c, b, 0.0, [task()])
+        assert [t["id"] for t in w.expect(b, 0.0, p.TASK)["tasks"]] == [runs]
+    finally:
+        b.close()

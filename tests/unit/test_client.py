@@ -313,6 +313,18 @@ def test_result_returns_on_notify(client, broker, in_thread):
     assert pending.result(timeout=5) == {"sum": 42}
 
 
+def test_a_state_this_client_does_not_know_is_final_and_ends_a_wait(client, broker, in_thread):
+    # Given a client waiting for task 9, which is still running
+    pending = in_thread(client.wait, [9])
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], tasks=[view(9, protocol.RUNNING)])
+    # When a newer broker reports it ended in a state added after this client
+    broker.send(identity, protocol.NOTIFY, {"tasks": [view(9, "archived")]})
+    # Then the wait ends with it, done but not ok (protocol.md, Versioning)
+    info = pending.result(timeout=5)[9]
+    assert (info.state, info.done, info.ok) == ("archived", True, False)
+
+
 def test_result_returns_on_a_re_get_when_no_notify_comes(client, broker, in_thread):
     # Given a client waiting for task 9 and a broker that never sends NOTIFY
     pending = in_thread(client.result, 9)

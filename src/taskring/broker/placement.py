@@ -67,6 +67,10 @@ class Placement:
         """A queued job left the queue in the log (cancelled): never place it."""
         if not self.queue.spilled or task_id <= self.queue.cursor:
             self._forgotten.add(task_id)  # above the cursor it is only in the log
+        if len(self._forgotten) > max(1, self.parked_limit // 4):
+            # Mostly jobs let go, which never come up to be skipped: a read of the
+            # queue from the log, where they are cancelled, forgets them all.
+            self._reread_due = True
 
     def _membership_changed(self) -> None:
         names = list(self._names.values())
@@ -85,11 +89,11 @@ class Placement:
 
     def place(self, workers: Mapping[str, WorkerState]) -> list[tuple[Job, WorkerState]]:
         """Jobs to lease now, at most one per unit of credit."""
+        if self._reread_due:
+            self._reread()
         credit = sum(max(0, w.credit) for w in workers.values())
         if credit <= 0:
             return []
-        if self._reread_due:
-            self._reread()
         placed: list[tuple[Job, WorkerState]] = []
         spare = {name: w.credit for name, w in workers.items()}
         # Jobs set aside go first: they have waited longest.

@@ -34,6 +34,11 @@ class WorkerState:
     # slot is free again. Counting them stalled dispatch for a whole heartbeat interval
     # (bench/throughput.py showed 0.8 s without a single completion).
     acked: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+    # Leases cancelled while the worker may still run them, with the dseq of the TASK
+    # that carried each. One whose TASK is still in flight is not in `held` yet, but the
+    # worker will run it: its slot stays taken until the worker has seen the TASK and
+    # no longer holds it, or the task's stale RESULT is answered.
+    cancelled: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
 
     draining: bool = False  # stopping: finishes what it holds, gets nothing new
 
@@ -43,13 +48,22 @@ class WorkerState:
             return 0
         return self.capacity - len(self.leases) - len(self.foreign)
 
-    def update_foreign(self, held: set[tuple[int, int]]) -> None:
-        """From a READY's or HEARTBEAT's `held`, once the leases it claims are settled."""
+    def update_foreign(self, held: set[tuple[int, int]], dseq: int) -> None:
+        """From a READY's or HEARTBEAT's `held` and `dseq`, once the leases it claims are
+        settled."""
         self.acked &= held  # a result no longer reported: the worker has read its ACK
+        self.cancelled = {k: d for k, d in self.cancelled.items() if k in held or d > dseq}
         leased = {(lease.job.id, lease.job.attempt) for lease in self.leases.values()}
-        self.foreign = held - leased - self.acked
+        self.foreign = (held | self.cancelled.keys()) - leased - self.acked
+
+    def lease_cancelled(self, key: tuple[int, int], dseq: int) -> None:
+        """A lease ended by a CANCEL: the worker runs the task until it hears."""
+        self.cancelled[key] = dseq
+        self.foreign.add(key)
 
     def results_acked(self, keys: set[tuple[int, int]]) -> None:
         """Outcomes of one RESULT, answered by an ACK that goes out this turn."""
         self.foreign -= keys
         self.acked |= keys
+        for key in keys & self.cancelled.keys():
+            del self.cancelled[key]

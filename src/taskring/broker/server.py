@@ -559,7 +559,7 @@ class Broker:
                     if holder is not None:
                         # It runs until it hears: a task sent to the slot now would be
                         # refused, and every refusal costs that task an attempt.
-                        holder.foreign.add((task_id, attempt))
+                        holder.lease_cancelled((task_id, attempt), lease.dseq)
             elif state == p.QUEUED:
                 self.placement.forget(task_id)
             else:
@@ -604,6 +604,8 @@ class Broker:
             registered_at=now,
             dseq=previous.dseq if same_process and previous else 0,
         )
+        if same_process and previous is not None:
+            worker.cancelled = previous.cancelled  # their TASKs may still be in flight
         self.workers[name] = worker
         if any(self.names.get(n) != m for n, m in request.tasks.items()):
             self.store.remember_names(request.tasks, wall)
@@ -625,7 +627,7 @@ class Broker:
                 self.store.event(job.id, "adopted", job.attempt, name, None, wall)
             else:
                 self._lease_lost(lease, f"worker {name} returned without it", wall)
-        worker.update_foreign(held)
+        worker.update_foreign(held, request.dseq)
         log.info(
             "worker %s registered (capacity %d, holding %d)", name, request.capacity, len(held)
         )
@@ -656,7 +658,7 @@ class Broker:
             # not hold it: the message was lost in a reconnect.
             if 0 < lease.dseq <= beat.dseq and (lease.job.id, lease.job.attempt) not in held:
                 self._lease_lost(lease, "lease lost in transit", wall)
-        worker.update_foreign(held)
+        worker.update_foreign(held, beat.dseq)
 
     def _on_result(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_result(envelope.body, self.limits)
