@@ -303,10 +303,11 @@ class Client:
     ) -> list[TaskInfo]:
         """Up to `limit` tasks newest first, optionally of one state or name; page with before_id.
 
-        The broker cuts a REPLY short where its views would outgrow a message,
-        so this asks again after the last id until it has `limit` tasks or a
-        REPLY brings none.
+        The broker cuts a REPLY short where its views would outgrow a message
+        and says so (`more`); this then asks again below the lowest id it got.
         """
+        if not 1 <= limit <= _LIMITS.max_batch:
+            raise ValueError(f"limit must be 1..{_LIMITS.max_batch}")
         tasks: list[TaskInfo] = []
         while len(tasks) < limit:
             body = {"state": state, "name": name, "limit": limit - len(tasks)}
@@ -315,11 +316,11 @@ class Client:
             if not isinstance(views, list):
                 raise malformed("TASKS reply has no task list")
             page = [TaskInfo.from_view(view) for view in views]
-            if not page:
-                break
             if before_id is not None and any(t.id >= before_id for t in page):
                 raise malformed("TASKS reply went back to ids already listed")
             tasks += page
+            if not page or not reply.get("more"):
+                break
             before_id = min(t.id for t in page)
         return tasks
 
@@ -360,13 +361,13 @@ class Client:
             page = reply.get("events")
             if not isinstance(page, list) or not all(isinstance(e, dict) for e in page):
                 raise malformed("HISTORY reply has no event list")
-            events += page
+            events += [e for e in page if not (is_int(e.get("n")) and e["n"] <= after)]
             if not reply.get("more"):
                 break
-            last: Any = page[-1].get("n") if page else None
-            if not is_int(last) or last <= after:
+            numbers = [e.get("n") for e in page]
+            if not numbers or not all(is_int(n) for n in numbers) or max(numbers) <= after:
                 raise malformed("HISTORY reply says there is more but gives no later event number")
-            after = last
+            after = max(numbers)
         view = reply.get("task")
         return (TaskInfo.from_view(view) if view is not None else None), events
 

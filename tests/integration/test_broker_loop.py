@@ -400,6 +400,31 @@ def test_a_long_history_comes_in_pages_under_the_size_limit(tmp_path, ctx):
         b.close()
 
 
+def test_a_history_page_leaves_room_for_the_task_view(tmp_path, ctx):
+    # Given a 16 KiB limit and a task whose 8,000-byte result rides in every page's view
+    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384)
+    b = make_broker(tmp_path, ctx, limits=limits)
+    try:
+        c = client(ctx, b)
+        (task_id,) = submit(c, b, 0.0, [task()])
+        with b.store.turn():
+            for n in range(1, 60):
+                b.store.event(task_id, "checkpointed", 1, "w1", f"checkpoint {n}", 1.0)
+            b.store.finish(task_id, 0, "w1", "succeeded", b"r" * 8_000, None, 1.0)
+        # When its history is read, Then every page, view included, fits the limit
+        after, more, sizes = 0, True, []
+        while more:
+            c.request(p.HISTORY, {"id": task_id, "after": after})
+            b.poll_once(now=0.0, timeout_s=0.5)
+            frames = c.socket.recv_multipart()
+            sizes.append(sum(len(f) for f in frames))
+            reply = p.unpack(frames[2])
+            after, more = reply["events"][-1]["n"], reply["more"]
+        assert len(sizes) >= 2 and max(sizes) < limits.max_message_bytes
+    finally:
+        b.close()
+
+
 def test_history_of_an_unknown_task_is_empty_and_complete(broker, ctx):
     c = client(ctx, broker)
     c.request(p.HISTORY, {"id": 999})

@@ -497,58 +497,48 @@ def test_list_tasks_asks_again_after_a_reply_cut_short_by_size(client, broker, i
     pending = in_thread(client.list_tasks, limit=5)
     identity, _, body = broker.recv()
     assert (body["limit"], body["before_id"]) == (5, None)
-    broker.reply(identity, body["seq"], tasks=[view(9), view(8)])
+    broker.reply(identity, body["seq"], tasks=[view(9), view(8)], more=True)
     # When the client asks again, it asks for the rest, below the last id it got
     identity, _, body = broker.recv()
     assert (body["limit"], body["before_id"]) == (3, 8)
-    broker.reply(identity, body["seq"], tasks=[view(6)])
-    identity, _, body = broker.recv()
-    assert (body["limit"], body["before_id"]) == (2, 6)
-    broker.reply(identity, body["seq"], tasks=[])
-    # Then a REPLY with no tasks ends it, and it has every task in order
+    broker.reply(identity, body["seq"], tasks=[view(6)], more=False)
+    # Then a REPLY that was not cut short ends it, and it has every task in order
     assert [t.id for t in pending.result(timeout=5)] == [9, 8, 6]
+    assert broker.quiet(0.2)
+
+
+def test_list_tasks_asks_once_when_fewer_tasks_match(client, broker, in_thread):
+    pending = in_thread(client.list_tasks, limit=5)
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], tasks=[view(2)])  # no `more`, as older brokers
+    assert [t.id for t in pending.result(timeout=5)] == [2]
+    assert broker.quiet(0.2)
+    with pytest.raises(ValueError, match=r"limit must be 1\.\.1000"):
+        client.list_tasks(limit=0)
 
 
 def test_list_tasks_refuses_a_page_that_goes_back(client, broker, in_thread):
     pending = in_thread(client.list_tasks, limit=5)
     identity, _, body = broker.recv()
-    broker.reply(identity, body["seq"], tasks=[view(9), view(8)])
+    broker.reply(identity, body["seq"], tasks=[view(9), view(8)], more=True)
     identity, _, body = broker.recv()
-    broker.reply(identity, body["seq"], tasks=[view(8)])
+    broker.reply(identity, body["seq"], tasks=[view(8)], more=True)
     with pytest.raises(TaskringError, match="went back"):
         pending.result(timeout=5)
 
 
-def test_cancel_asks_in_batches_and_maps_each_id_to_its_state(client, broker, in_thread):
-    # Given 1,500 ids to cancel, one of them twice
-    ids = [*range(1, 1501), 7]
-    pending = in_thread(client.cancel, ids)
-    # When the broker answers each CANCEL (it never sees more than max_batch ids)
-    asked = []
-    while len(asked) < 1500:
-        identity, command, body = broker.recv()
-        assert command == protocol.CANCEL and len(body["ids"]) <= protocol.DEFAULT_LIMITS.max_batch
-        asked += body["ids"]
-        states = ["succeeded" if i == 2 else None if i == 3 else "cancelled" for i in body["ids"]]
-        broker.reply(identity, body["seq"], states=states)
-    # Then every id was asked once, and each has its state
-    result = pending.result(timeout=5)
-    assert asked == list(range(1, 1501))
-    assert (result[1], result[2], result[3], result[7]) == (
-        "cancelled",
-        "succeeded",
-        None,
-        "cancelled",
-    )
-    assert len(result) == 1500
-
-
-def test_cancel_refuses_a_reply_without_a_state_for_each_id(client, broker, in_thread):
-    pending = in_thread(client.cancel, [1, 2])
+def test_history_takes_each_event_once_from_a_page_out_of_order(client, broker, in_thread):
+    pending = in_thread(client.history, 7)
+    event = {"at": 1.0, "kind": "leased", "attempt": 1, "worker": "w1", "detail": None}
     identity, _, body = broker.recv()
-    broker.reply(identity, body["seq"], states=["cancelled"])
-    with pytest.raises(TaskringError, match="no state for each id"):
-        pending.result(timeout=5)
+    page = [event | {"n": 5}, event | {"n": 3}]
+    broker.reply(identity, body["seq"], task=view(7), events=page, more=True)
+    identity, _, body = broker.recv()
+    assert body["after"] == 5  # the highest number it got, not the last
+    page = [event | {"n": 5}, event | {"n": 6}]
+    broker.reply(identity, body["seq"], task=view(7), events=page, more=False)
+    _, events = pending.result(timeout=5)
+    assert [e["n"] for e in events] == [5, 3, 6]
 
 
 def test_history_asks_for_pages_until_the_broker_says_there_are_no_more(client, broker, in_thread):

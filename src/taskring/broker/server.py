@@ -11,6 +11,7 @@ log, and nothing dispatched under a lease the log does not know.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import sqlite3
@@ -508,23 +509,27 @@ class Broker:
         request = p.decode_tasks(envelope.body, self.limits)
         rows = self.store.list_tasks(request.state, request.name, request.limit, request.before_id)
         views = p.first_message([p.task_view(r) for r in rows], _view_bytes, self.limits)
-        self._reply(envelope.identity, {"seq": request.seq, "tasks": views})
+        # `more`: cut short by size, so fewer than `limit` listed though more match.
+        more = len(views) < len(rows)
+        self._reply(envelope.identity, {"seq": request.seq, "tasks": views, "more": more})
 
     def _on_history(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_history(envelope.body, self.limits)
         row = self.store.views([request.id]).get(request.id)
+        view = p.task_view(row) if row else None
         # One more than a page can hold, so `more` is known without a second query.
         limit = self.limits.max_batch + 1
         rows = self.store.history(request.id, request.after, limit) if row else []
-        events = p.first_message([dict(e) for e in rows], _event_bytes, self.limits) if rows else []
+        events = []
+        if rows:
+            # The view travels with every page (its result may be 1 MiB): the
+            # events get what is left of the budget.
+            budget = self.limits.max_message_bytes - 2 * _view_bytes(view)
+            limits = dataclasses.replace(self.limits, max_message_bytes=max(budget, 2))
+            events = p.first_message([dict(e) for e in rows], _event_bytes, limits)
         self._reply(
             envelope.identity,
-            {
-                "seq": request.seq,
-                "task": p.task_view(row) if row else None,
-                "events": events,
-                "more": len(events) < len(rows),
-            },
+            {"seq": request.seq, "task": view, "events": events, "more": len(events) < len(rows)},
         )
 
     def _on_cancel(self, envelope: p.Envelope, now: float, wall: float) -> None:
@@ -927,8 +932,10 @@ def _view_bytes(view: dict[str, Any] | None) -> int:
 
 
 def _event_bytes(event: dict[str, Any]) -> int:
-    # A task that checkpointed for a day has a history of megabytes.
-    return len(event["kind"]) + len(event["worker"] or "") + len(event["detail"] or "") + 48
+    # A task that checkpointed for a day has a history of megabytes. Bytes, not
+    # characters: a detail may quote an error in any script.
+    text = event["kind"] + (event["worker"] or "") + (event["detail"] or "")
+    return len(text.encode()) + 48
 
 
 def _seq(envelope: p.Envelope) -> int | None:
