@@ -45,8 +45,10 @@ def test_a_chaos_run_loses_nothing_duplicates_nothing_and_never_goes_back(
     assert report.inconsistent == 0, summary
     assert report.unfinished == 0, summary
     assert report.ok, summary
-    # And every task succeeded: chaos tasks never fail, and 100 attempts outlast any schedule
-    assert set(report.states) == {"succeeded"}, summary
+    # And every task succeeded, or was cancelled by its client: chaos tasks never fail, and
+    # 100 attempts outlast any schedule (verify checked each answered cancel against the log)
+    assert set(report.states) <= {"succeeded", "cancelled"}, summary
+    assert report.states.get("succeeded", 0) > 100, summary
 
 
 # ---------------------------------------------------------------- found by chaos runs

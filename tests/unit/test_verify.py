@@ -203,6 +203,27 @@ def test_an_acknowledged_result_that_was_not_applied_is_lost(log, tmp_path):
     assert "the task is dead at attempt 1" in messages(report, "lost")[0]
 
 
+def test_a_cancel_answered_cancelled_must_leave_the_task_cancelled(log, tmp_path):
+    # Given a client journal of three answered cancels
+    log.task(1, [("submitted", 0), ("cancelled", 0)])
+    log.task(2, ran())
+    log.task(3, ran())
+    clients = jsonl(
+        tmp_path / "c1.jsonl",
+        {"ids": [1, 2, 3]},
+        {"cancel": 1, "state": "cancelled"},
+        {"cancel": 2, "state": "succeeded"},  # too late: it had ended, and stays so
+        {"cancel": 3, "state": "cancelled"},  # answered cancelled, yet it succeeded
+    )
+    # Then only the broken promise is a violation, and the journal is read whole
+    report = check(log.path, [clients])
+    assert messages(report, "lost") == [
+        "cancel of task 3 was answered cancelled (c1.jsonl:4), but the task is succeeded"
+    ]
+    assert report.acknowledged == 3
+    assert not [n for n in report.notes if "unreadable" in n]
+
+
 def test_unfinished_tasks_without_journals_are_violations_after_a_drain(log):
     log.task(1, [("submitted", 0)])
     assert check(log.path, drained=True).unfinished == 1

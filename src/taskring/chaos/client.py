@@ -4,6 +4,8 @@ Run as `python -m taskring.chaos client ...` by the chaos runner. Each
 acknowledged submit appends one JSON line `{"ids": [...], "name": ...,
 "client": ..., "at": ...}` to the journal, written and flushed before the
 next submit, so the journal never claims an id the broker did not return.
+Now and then it cancels one of its recent tasks instead, and journals the
+answer as `{"cancel": id, "state": ...}`.
 
 The broker is killed now and then. A request is resent while the broker is
 away (the broker de-duplicates the resends); if the client's timeout passes
@@ -14,6 +16,7 @@ correct (the checker requires only what was acknowledged).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -30,6 +33,8 @@ from taskring.client import Client
 from taskring.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
+
+CANCEL_SHARE = 0.05  # of the client's requests: enough to meet running and queued tasks
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,7 +56,13 @@ class _Journal:
         self._file: IO[str] = os.fdopen(fd, "a", buffering=1)
 
     def acknowledged(self, name: str, ids: Sequence[int]) -> None:
-        record = {"ids": list(ids), "name": name, "client": self.client, "at": time.time_ns() / 1e9}
+        self._write({"ids": list(ids), "name": name})
+
+    def cancelled(self, task_id: int, state: str | None) -> None:
+        self._write({"cancel": task_id, "state": state})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        record |= {"client": self.client, "at": time.time_ns() / 1e9}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
@@ -65,6 +76,10 @@ def run_client(plan: ClientPlan, stop: threading.Event | None = None) -> int:
     rng = random.Random(plan.seed)
     journal = _Journal(plan.journal, plan.name)
     acknowledged = unavailable = 0
+    # Ids it may cancel. The newest long task apart: most others have finished
+    # by then, and cancels would meet few running tasks.
+    recent: collections.deque[int] = collections.deque(maxlen=200)
+    recent_long: collections.deque[int] = collections.deque(maxlen=1)
     deadline = time.monotonic() + plan.duration_s
 
     def key(n: int) -> str | None:
@@ -76,6 +91,12 @@ def run_client(plan: ClientPlan, stop: threading.Event | None = None) -> int:
                 n = rng.randrange(1_000_000)
                 roll = rng.random()
                 try:
+                    if recent and rng.random() < CANCEL_SHARE:
+                        # The newest long task is likely running still.
+                        long_one = recent_long and roll < 0.5
+                        victim = recent_long[-1] if long_one else rng.choice(recent)
+                        journal.cancelled(victim, client.cancel([victim])[victim])
+                        continue
                     if roll < 0.5:
                         name = "chaos.short"
                         ids = [client.submit(name, n, rng.uniform(0, 20), key=key(n)).id]
@@ -93,6 +114,7 @@ def run_client(plan: ClientPlan, stop: threading.Event | None = None) -> int:
                     continue
                 journal.acknowledged(name, ids)
                 acknowledged += len(ids)
+                (recent_long if name == "chaos.long" else recent).extend(ids)
                 stop.wait(rng.uniform(0.02, 0.15))
     finally:
         journal.close()

@@ -13,7 +13,9 @@ lost
     An acknowledged id missing from `tasks`, recorded under another name,
     acknowledged for two different submits, or (after a drained run) not in a
     final state. Also a result a worker journal records as acknowledged and
-    applied (ok, not stale) whose task is not `succeeded` with that attempt.
+    applied (ok, not stale) whose task is not `succeeded` with that attempt,
+    and a CANCEL a client journal records as answered (`{"cancel": id,
+    "state": ...}`) whose task is not in the state the answer gave.
 duplicated
     A completion applied more than once: a task with more than one final
     event (succeeded / failed / dead), a `succeeded` event whose attempt is

@@ -86,6 +86,22 @@ def check_lost(h: History, drained: bool) -> list[Violation]:
         else:
             continue
         found.append(Violation(LOST, tid, message))
+    for cancel in h.cancels:
+        # An answered CANCEL is a promise too: `cancelled` must be in the log for good,
+        # and a final state it reported can never have changed.
+        task = h.tasks.get(cancel.task_id)
+        said = cancel.state or "no such task"
+        if task is not None and task.state == cancel.state:
+            continue
+        now = task.state if task is not None else "not in the log"
+        found.append(
+            Violation(
+                LOST,
+                cancel.task_id,
+                f"cancel of task {cancel.task_id} was answered {said} ({cancel.source}), "
+                f"but the task is {now}",
+            )
+        )
     for ack in h.acks:
         if ack.kind != "result" or not ack.ok or ack.stale:
             continue

@@ -67,6 +67,15 @@ class Submit:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Cancel:
+    """A CANCEL a client journal says the broker answered: the state it gave the task."""
+
+    task_id: int
+    state: str | None  # "cancelled", the final state the task already had, or None
+    source: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Ack:
     """One line of a worker's --journal: a result or checkpoint the broker ACKed."""
 
@@ -97,6 +106,7 @@ class History:
     events: dict[int, list[Event]]  # by task id, in log order
     integrity: str
     submits: list[Submit] | None  # None: no client journals were given
+    cancels: list[Cancel]
     acks: list[Ack]
     starts: list[Start]
     files: dict[str, int]  # input kind -> files read
@@ -128,13 +138,15 @@ def load_history(
     starts = journal_files(start_logs)
     notes: list[str] = []
     tasks, events, integrity = _read_log(Path(db_path))
-    submits = [s for path in clients for s in _parse(path, _submits, notes)] if clients else None
+    records = [r for path in clients for r in _parse(path, _client_record, notes)]
+    submits = [r for r in records if isinstance(r, Submit)] if clients else None
     return History(
         db=str(db_path),
         tasks=tasks,
         events=events,
         integrity=integrity,
         submits=submits,
+        cancels=[r for r in records if isinstance(r, Cancel)],
         acks=[a for path in workers for a in _parse(path, _ack, notes)],
         starts=[s for path in starts for s in _parse(path, _start, notes)],
         files={"client": len(clients), "worker": len(workers), "start": len(starts)},
@@ -209,7 +221,15 @@ def _int(value: Any) -> int:
     return value
 
 
-def _submits(record: dict[str, Any], source: str) -> Iterator[Submit]:
+def _client_record(record: dict[str, Any], source: str) -> Iterator[Submit | Cancel]:
+    """An acknowledged submit `{"ids": [...], "name": ...}`, or an answered cancel
+    `{"cancel": id, "state": ...}`."""
+    if "cancel" in record:
+        state = record["state"]
+        if state is not None and not isinstance(state, str):
+            raise TypeError("state is not a string")
+        yield Cancel(_int(record["cancel"]), state, source)
+        return
     name = record.get("name")
     for task_id in record["ids"]:
         yield Submit(_int(task_id), name if isinstance(name, str) else None, source)
