@@ -81,6 +81,7 @@ class Client:
         repoll_s: float = 1.0,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         curve: CurveClientConfig | None = None,
+        limits: protocol.Limits | None = None,
     ) -> None:
         if timeout_s <= 0 or repoll_s <= 0:
             raise ValueError("timeout_s and repoll_s must be positive")
@@ -92,6 +93,8 @@ class Client:
         self._answers: dict[int, tuple[bytes, dict[str, Any]]] = {}
         self._notified: dict[int, dict[str, Any]] = {}
         self._watched: set[int] = set()
+        # The broker's size limits: given, or asked once (STATUS) by the first submit_many.
+        self._limits = limits
         sock: zmq.Socket[bytes] = (context or zmq.Context.instance()).socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, self.identity)
@@ -196,9 +199,10 @@ class Client:
         if window < 1:
             raise ValueError("window must be at least 1")
         items = encode_many(name, arglist, key)
-        # Cut by size too: the broker's socket drops a SUBMIT over
+        # Cut by size too: the broker's socket drops a SUBMIT over its
         # max_message_bytes without an answer, and each task may be 1 MiB.
-        limits = dataclasses.replace(_LIMITS, max_batch=batch)
+        limits = self.broker_limits()
+        limits = dataclasses.replace(limits, max_batch=min(batch, limits.max_batch))
         batches = protocol.split_by_size(items, _item_bytes, limits)
         ids: list[list[int]] = [[] for _ in batches]
         in_flight: dict[int, tuple[int, float]] = {}  # seq -> (batch index, deadline)
@@ -287,6 +291,14 @@ class Client:
         unfinished = sum(1 for info in latest.values() if not info.done)
         if unfinished:
             raise ResultTimeout(f"{unfinished} of {len(order)} tasks did not finish in time")
+
+    def broker_limits(self) -> protocol.Limits:
+        """The broker's size limits: as given to the constructor, or asked once (STATUS)
+        and kept; an older broker that does not announce them has the defaults."""
+        if self._limits is None:
+            announced = self.broker_status().get("broker", {}).get("limits")
+            self._limits = _limits_from(announced)
+        return self._limits
 
     def broker_status(self) -> dict[str, Any]:
         """Workers (load, capacity, ring share), task counts by state, broker facts."""
@@ -614,3 +626,12 @@ def _unknown_names(reply: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, .
 
 def _item_bytes(item: dict[str, Any]) -> int:
     return len(item["payload"]) + len(item["name"]) + len(item.get("key") or "") + 32
+
+
+def _limits_from(announced: Any) -> protocol.Limits:
+    """Limits from a STATUS's `broker.limits`: known names with sane values, else defaults."""
+    if not isinstance(announced, dict):
+        return _LIMITS
+    known = {f.name for f in dataclasses.fields(protocol.Limits)}
+    values = {k: v for k, v in announced.items() if k in known and is_int(v) and v > 0}
+    return dataclasses.replace(_LIMITS, **values)

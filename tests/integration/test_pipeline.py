@@ -173,3 +173,15 @@ def test_a_cancelled_running_task_stops_at_its_next_checkpoint(
     assert kinds[:3] == ["submitted", "leased", "checkpointed"]
     assert "cancelled" in kinds and "succeeded" not in kinds
     assert kinds.count("stale") >= 1
+
+
+def test_submit_many_keeps_to_a_broker_with_a_smaller_message_limit(cluster: Cluster) -> None:
+    # Given a broker that takes messages of 256 KiB at most
+    cluster.start_broker("--max-message-bytes", "262144")
+    with cluster.client() as client:
+        # When 40 tasks of 50 KB arguments are submitted at once (2 MB)
+        ids = client.submit_many("tt_tasks.add", [(b"x" * 50_000, i) for i in range(40)])
+        # Then the client learnt the limit, and every task was acknowledged
+        assert client.broker_limits().max_message_bytes == 262_144
+        assert len(set(ids)) == 40
+        assert client.broker_status()["states"] == {"queued": 40}

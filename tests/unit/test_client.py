@@ -6,6 +6,7 @@ in a one-thread executor while the test thread plays the broker.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -77,7 +78,14 @@ def broker(context: zmq.Context[zmq.Socket[bytes]]) -> FakeBroker:
 
 @pytest.fixture
 def client(broker: FakeBroker, context: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Client]:
-    with Client(broker.endpoint, timeout_s=5.0, backoff=FAST, repoll_s=0.2, context=context) as c:
+    with Client(
+        broker.endpoint,
+        timeout_s=5.0,
+        backoff=FAST,
+        repoll_s=0.2,
+        context=context,
+        limits=protocol.DEFAULT_LIMITS,
+    ) as c:
         yield c
 
 
@@ -85,7 +93,13 @@ def client(broker: FakeBroker, context: zmq.Context[zmq.Socket[bytes]]) -> Itera
 def patient_client(broker: FakeBroker, context: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Client]:
     """A client that does not resend within a test's run, so quiet periods are quiet."""
     slow = Backoff(initial_s=10.0)
-    with Client(broker.endpoint, timeout_s=20.0, backoff=slow, context=context) as c:
+    with Client(
+        broker.endpoint,
+        timeout_s=20.0,
+        backoff=slow,
+        context=context,
+        limits=protocol.DEFAULT_LIMITS,
+    ) as c:
         yield c
 
 
@@ -281,6 +295,41 @@ def test_submit_many_cuts_batches_that_would_outgrow_a_message(patient_client, b
     # Then each SUBMIT stayed under the size limit, and every task was sent once
     assert pending.result(timeout=5) == list(range(1, 21))
     assert len(sizes) >= 3 and max(sizes) < protocol.DEFAULT_LIMITS.max_message_bytes
+
+
+def test_submit_many_sizes_its_batches_by_the_limits_the_broker_announces(
+    broker, context, in_thread
+):
+    # Given a client told no limits, and a broker whose messages may be 64 KiB
+    with Client(broker.endpoint, timeout_s=5.0, context=context) as fresh:
+        pending = in_thread(fresh.submit_many, "add", [[b"x" * 10_000] for _ in range(20)])
+        # When it first asks the broker's limits
+        identity, command, body = broker.recv()
+        assert command == protocol.STATUS
+        limits = dataclasses.asdict(protocol.DEFAULT_LIMITS) | {"max_message_bytes": 65_536}
+        broker.reply(identity, body["seq"], workers=[], states={}, broker={"limits": limits})
+        # Then every SUBMIT fits them
+        count = 0
+        while count < 20:
+            identity, command, body = broker.recv()
+            assert command == protocol.SUBMIT and len(protocol.pack(body)) < 65_536
+            count += len(body["tasks"])
+            broker.reply(identity, body["seq"], ids=list(range(count - len(body["tasks"]), count)))
+        assert len(pending.result(timeout=5)) == 20
+        # And it asks only once
+        pending = in_thread(fresh.submit_many, "add", [[1]])
+        identity, command, body = broker.recv()
+        assert command == protocol.SUBMIT
+        broker.reply(identity, body["seq"], ids=[99])
+        assert pending.result(timeout=5) == [99]
+
+
+def test_a_broker_that_announces_no_limits_has_the_defaults(broker, context, in_thread):
+    with Client(broker.endpoint, timeout_s=5.0, context=context) as fresh:
+        pending = in_thread(fresh.broker_limits)
+        identity, _, body = broker.recv()
+        broker.reply(identity, body["seq"], workers=[], states={}, broker={"version": "0.0.1"})
+        assert pending.result(timeout=5) == protocol.DEFAULT_LIMITS
 
 
 def test_submit_many_sends_the_first_batch_alone(patient_client, broker, in_thread):
