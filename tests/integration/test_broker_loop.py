@@ -371,6 +371,29 @@ def test_notify_is_split_so_no_message_outgrows_the_size_limit(tmp_path, ctx):
         b.close()
 
 
+def test_notify_counts_errors_in_bytes_not_characters(tmp_path, ctx):
+    # Given a 16 KiB limit, and three tasks that fail with 2,000 emoji each (8,000 bytes)
+    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384)
+    b = make_broker(tmp_path, ctx, limits=limits)
+    try:
+        w = worker(ctx, b, 0.0, capacity=3)
+        c = client(ctx, b)
+        c.request(p.SUBMIT, {"tasks": [task() for _ in range(3)], "watch": True})
+        c.expect(b, 0.0, p.REPLY)
+        got = w.expect(b, 0.0, p.TASK)["tasks"]
+        for t in got:  # one RESULT each: together they would be over the limit
+            item = {"id": t["id"], "attempt": 1, "ok": False, "retry": False}
+            w.request(p.RESULT, {"results": [item | {"error": "\U0001f600" * 2000}]})
+        time.sleep(0.05)  # all three read in one turn, so their views share the NOTIFYs
+        # When all three are announced, Then no NOTIFY outgrows the limit
+        sizes = [
+            len(p.pack(body)) for command, body in c.drain(b, 0.0, turns=10) if command == p.NOTIFY
+        ]
+        assert len(sizes) >= 2 and max(sizes) < limits.max_message_bytes
+    finally:
+        b.close()
+
+
 def test_a_long_history_comes_in_pages_under_the_size_limit(tmp_path, ctx):
     # Given a broker whose messages may be 16 KiB, and a task with 400 checkpoint events
     limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384)

@@ -930,8 +930,12 @@ def _view_bytes(view: dict[str, Any] | None) -> int:
     # (ZMQ_MAXMSGSIZE), and a thousand large results would be over it.
     if view is None:  # an unknown id in a REPLY to GET
         return 16
+    # Names and keys are short; an error may be 8192 characters of any script,
+    # so it is counted in bytes (a success has none: the hot path pays nothing).
     text = len(view["name"]) + len(view["key"] or "") + len(view["worker"] or "")
-    return len(view["result"] or b"") + len(view["error"] or "") + text + 128
+    error = view["error"]
+    error_bytes = len(error.encode()) if error else 0
+    return len(view["result"] or b"") + error_bytes + text + 128
 
 
 def _event_bytes(event: dict[str, Any]) -> int:
