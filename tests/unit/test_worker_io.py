@@ -5,6 +5,7 @@ Thread pool throughout; the process pool has its own file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from taskring import protocol
 from taskring.errors import RequestRejected
 from taskring.protocol import TaskOutcome
 from taskring.workers.inbox import CheckpointRequest, Waiter
-from taskring.workers.io import IOLoop
+from taskring.workers.io import IOLoop, _outcome_bytes
 
 Start = Callable[..., WorkerThread]
 
@@ -450,3 +451,14 @@ def test_a_rejected_batch_goes_again_item_by_item_so_only_the_bad_item_fails(
     assert good.waiter.wait() is False
     with pytest.raises(RequestRejected, match="too-large"):
         bad.waiter.wait()
+
+
+def test_an_outcome_is_sized_in_bytes_so_a_result_of_emoji_errors_stays_under_the_limit() -> None:
+    # Given outcomes whose errors are 2,000 emoji: 8,000 bytes each, 2,000 characters
+    outcomes = [TaskOutcome(i, 1, False, None, "\U0001f600" * 2000, True) for i in range(12)]
+    limits = dataclasses.replace(protocol.DEFAULT_LIMITS, max_message_bytes=65_536)
+    # When they are cut into RESULTs as the I/O loop cuts them
+    batches = protocol.split_by_size(outcomes, _outcome_bytes, limits)
+    # Then each RESULT body fits the limit
+    sizes = [len(protocol.pack({"results": [o._asdict() for o in b]})) for b in batches]
+    assert len(batches) >= 2 and max(sizes) < limits.max_message_bytes

@@ -501,4 +501,6 @@ def _checkpoint_bytes(request: CheckpointRequest) -> int:
 
 
 def _outcome_bytes(outcome: TaskOutcome) -> int:
-    return len(outcome.value or b"") + len(outcome.error or "") + 64
+    # An error may be 8192 characters of any script: count its bytes (a success has none).
+    error = outcome.error
+    return len(outcome.value or b"") + (len(error.encode()) if error else 0) + 64
