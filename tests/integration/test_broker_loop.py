@@ -342,110 +342,106 @@ def test_a_heartbeat_sent_before_the_ack_does_not_take_the_freed_slot(broker, ct
     assert [m for m in w.drain(broker, 0.0) if m[0] == p.TASK] == []
 
 
-def test_notify_is_split_so_no_message_outgrows_the_size_limit(tmp_path, ctx):
+SMALL = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384, max_result_bytes=9_000)
+
+
+@pytest.fixture
+def small_messages(tmp_path: Path, ctx: zmq.Context[Any]) -> Iterator[Broker]:
+    """A broker whose messages may be 16 KiB, and results 9,000 bytes."""
+    b = make_broker(tmp_path, ctx, limits=SMALL)
+    yield b
+    b.close()
+
+
+def history_pages(c: Peer, broker: Broker, task_id: int) -> list[tuple[int, dict[str, Any]]]:
+    """Every REPLY to HISTORY, page after page, with its size on the wire."""
+    pages: list[tuple[int, dict[str, Any]]] = []
+    after, more = 0, True
+    while more:
+        c.request(p.HISTORY, {"id": task_id, "after": after})
+        broker.poll_once(now=0.0, timeout_s=0.5)
+        frames = c.socket.recv_multipart()
+        pages.append((sum(len(f) for f in frames), p.unpack(frames[2])))
+        after, more = pages[-1][1]["events"][-1]["n"], pages[-1][1]["more"]
+    return pages
+
+
+def checkpointed_task(c: Peer, broker: Broker, count: int, result: bytes | None = None) -> int:
+    """A task with `count` checkpoint events in its log, and then `result` if given."""
+    (task_id,) = submit(c, broker, 0.0, [task()])
+    with broker.store.turn():
+        for n in range(1, count + 1):
+            broker.store.event(task_id, "checkpointed", 1, "w1", f"checkpoint {n}", 1.0)
+        if result is not None:
+            broker.store.finish(task_id, 0, "w1", "succeeded", result, None, 1.0)
+    return task_id
+
+
+def three_watched_running(b: Broker, ctx: zmq.Context[Any]) -> tuple[Peer, Peer, list[Any]]:
+    """A watching client, and a worker running the client's three tasks (TASK items)."""
+    w = worker(ctx, b, 0.0, capacity=3)
+    c = client(ctx, b)
+    c.request(p.SUBMIT, {"tasks": [task() for _ in range(3)], "watch": True})
+    c.expect(b, 0.0, p.REPLY)
+    return c, w, w.expect(b, 0.0, p.TASK)["tasks"]
+
+
+def test_notify_is_split_so_no_message_outgrows_the_size_limit(small_messages, ctx):
     # Given a broker whose messages may be 16 KiB, and three tasks whose results are 5 KB
-    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384, max_result_bytes=6_000)
-    b = make_broker(tmp_path, ctx, limits=limits)
-    try:
-        w = worker(ctx, b, 0.0, capacity=3)
-        c = client(ctx, b)
-        c.request(p.SUBMIT, {"tasks": [task() for _ in range(3)], "watch": True})
-        c.expect(b, 0.0, p.REPLY)
-        got = w.expect(b, 0.0, p.TASK)["tasks"]
-        # When all three finish in one turn
-        for t in got:
-            result(w, t["id"], t["attempt"], value=b"x" * 5_000)
-        b.poll_once(now=0.0, timeout_s=0.5)
-        # Then the views arrive over several NOTIFYs, each under the limit
-        sizes, seen = [], []
-        for _ in range(20):
-            b.poll_once(now=0.0, timeout_s=0.01)
-            while c.socket.poll(0):
-                frames = c.socket.recv_multipart()
-                if frames[1] == p.NOTIFY:
-                    sizes.append(sum(len(f) for f in frames))
-                    seen += [v["id"] for v in p.unpack(frames[2])["tasks"]]
-        assert sorted(seen) == sorted(t["id"] for t in got)
-        assert len(sizes) >= 2 and max(sizes) < limits.max_message_bytes
-    finally:
-        b.close()
-
-
-def test_notify_counts_errors_in_bytes_not_characters(tmp_path, ctx):
-    # Given a 16 KiB limit, and three tasks that fail with 2,000 emoji each (8,000 bytes)
-    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384)
-    b = make_broker(tmp_path, ctx, limits=limits)
-    try:
-        w = worker(ctx, b, 0.0, capacity=3)
-        c = client(ctx, b)
-        c.request(p.SUBMIT, {"tasks": [task() for _ in range(3)], "watch": True})
-        c.expect(b, 0.0, p.REPLY)
-        got = w.expect(b, 0.0, p.TASK)["tasks"]
-        for t in got:  # one RESULT each: together they would be over the limit
-            item = {"id": t["id"], "attempt": 1, "ok": False, "retry": False}
-            w.request(p.RESULT, {"results": [item | {"error": "\U0001f600" * 2000}]})
-        time.sleep(0.05)  # all three read in one turn, so their views share the NOTIFYs
-        # When all three are announced, Then no NOTIFY outgrows the limit
-        sizes = [
-            len(p.pack(body)) for command, body in c.drain(b, 0.0, turns=10) if command == p.NOTIFY
-        ]
-        assert len(sizes) >= 2 and max(sizes) < limits.max_message_bytes
-    finally:
-        b.close()
-
-
-def test_a_long_history_comes_in_pages_under_the_size_limit(tmp_path, ctx):
-    # Given a broker whose messages may be 16 KiB, and a task with 400 checkpoint events
-    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384)
-    b = make_broker(tmp_path, ctx, limits=limits)
-    try:
-        c = client(ctx, b)
-        (task_id,) = submit(c, b, 0.0, [task()])
-        with b.store.turn():
-            for n in range(1, 401):
-                b.store.event(task_id, "checkpointed", 1, "w1", f"checkpoint {n}", 1.0)
-        # When a client reads its history, page after page
-        details, sizes, after, more = [], [], 0, True
-        while more:
-            c.request(p.HISTORY, {"id": task_id, "after": after})
-            b.poll_once(now=0.0, timeout_s=0.5)
+    b = small_messages
+    c, w, got = three_watched_running(b, ctx)
+    # When all three finish in one turn
+    for t in got:
+        result(w, t["id"], t["attempt"], value=b"x" * 5_000)
+    b.poll_once(now=0.0, timeout_s=0.5)
+    # Then the views arrive over several NOTIFYs, each under the limit
+    sizes, seen = [], []
+    for _ in range(20):
+        b.poll_once(now=0.0, timeout_s=0.01)
+        while c.socket.poll(0):
             frames = c.socket.recv_multipart()
-            sizes.append(sum(len(f) for f in frames))
-            reply = p.unpack(frames[2])
-            numbers = [e["n"] for e in reply["events"]]
-            assert numbers == sorted(numbers) and numbers[0] > after
-            details += [e["detail"] for e in reply["events"]]
-            after, more = numbers[-1], reply["more"]
-        # Then every event arrives once, in order, over several REPLYs under the limit
-        assert details == [None] + [f"checkpoint {n}" for n in range(1, 401)]
-        assert len(sizes) >= 3 and max(sizes) < limits.max_message_bytes
-    finally:
-        b.close()
+            if frames[1] == p.NOTIFY:
+                sizes.append(sum(len(f) for f in frames))
+                seen += [v["id"] for v in p.unpack(frames[2])["tasks"]]
+    assert sorted(seen) == sorted(t["id"] for t in got)
+    assert len(sizes) >= 2 and max(sizes) < SMALL.max_message_bytes
 
 
-def test_a_history_page_leaves_room_for_the_task_view(tmp_path, ctx):
-    # Given a 16 KiB limit and a task whose 8,000-byte result rides in every page's view
-    limits = dataclasses.replace(p.DEFAULT_LIMITS, max_message_bytes=16_384)
-    b = make_broker(tmp_path, ctx, limits=limits)
-    try:
-        c = client(ctx, b)
-        (task_id,) = submit(c, b, 0.0, [task()])
-        with b.store.turn():
-            for n in range(1, 60):
-                b.store.event(task_id, "checkpointed", 1, "w1", f"checkpoint {n}", 1.0)
-            b.store.finish(task_id, 0, "w1", "succeeded", b"r" * 8_000, None, 1.0)
-        # When its history is read, Then every page, view included, fits the limit
-        after, more, sizes = 0, True, []
-        while more:
-            c.request(p.HISTORY, {"id": task_id, "after": after})
-            b.poll_once(now=0.0, timeout_s=0.5)
-            frames = c.socket.recv_multipart()
-            sizes.append(sum(len(f) for f in frames))
-            reply = p.unpack(frames[2])
-            after, more = reply["events"][-1]["n"], reply["more"]
-        assert len(sizes) >= 2 and max(sizes) < limits.max_message_bytes
-    finally:
-        b.close()
+def test_notify_counts_errors_in_bytes_not_characters(small_messages, ctx):
+    # Given three tasks that fail with 2,000 emoji each (8,000 bytes)
+    b = small_messages
+    c, w, got = three_watched_running(b, ctx)
+    for t in got:  # one RESULT each: together, over the limit
+        item = {"id": t["id"], "attempt": 1, "ok": False, "retry": False}
+        w.request(p.RESULT, {"results": [item | {"error": "\U0001f600" * 2000}]})
+    time.sleep(0.05)  # all three read in one turn, so their views share the NOTIFYs
+    # When all three are announced, Then no NOTIFY outgrows the limit
+    notes = [body for command, body in c.drain(b, 0.0, turns=10) if command == p.NOTIFY]
+    sizes = [len(p.pack(body)) for body in notes]
+    assert len(sizes) >= 2 and max(sizes) < SMALL.max_message_bytes
+
+
+def test_a_long_history_comes_in_pages_under_the_size_limit(small_messages, ctx):
+    # Given a task with 400 checkpoint events
+    c = client(ctx, small_messages)
+    task_id = checkpointed_task(c, small_messages, 400)
+    # When a client reads its history, page after page
+    pages = history_pages(c, small_messages, task_id)
+    # Then every event arrives once, in order, over several REPLYs under the limit
+    numbers = [e["n"] for _, reply in pages for e in reply["events"]]
+    assert numbers == sorted(set(numbers))
+    details = [e["detail"] for _, reply in pages for e in reply["events"]]
+    assert details == [None] + [f"checkpoint {n}" for n in range(1, 401)]
+    assert len(pages) >= 3 and max(size for size, _ in pages) < SMALL.max_message_bytes
+
+
+def test_a_history_page_leaves_room_for_the_task_view(small_messages, ctx):
+    # Given a task whose 8,000-byte result rides in every page's view
+    c = client(ctx, small_messages)
+    task_id = checkpointed_task(c, small_messages, 59, result=b"r" * 8_000)
+    # When its history is read, Then every page, view included, fits the limit
+    pages = history_pages(c, small_messages, task_id)
+    assert len(pages) >= 2 and max(size for size, _ in pages) < SMALL.max_message_bytes
 
 
 def test_history_of_an_unknown_task_is_empty_and_complete(broker, ctx):
@@ -1007,11 +1003,17 @@ def test_a_cancelled_running_task_hears_stale_and_its_result_is_refused(broker, 
     assert kinds(broker, task_id) == ["submitted", "leased", "cancelled", "stale", "stale"]
 
 
-def test_a_finished_task_is_not_cancelled(broker, ctx):
+def running_task(broker: Broker, ctx: zmq.Context[Any]) -> tuple[Peer, Peer, int]:
+    """A client, and a worker running the client's one task."""
     c = client(ctx, broker)
     w = worker(ctx, broker, 0.0)
     (task_id,) = submit(c, broker, 0.0, [task()])
     w.expect(broker, 0.0, p.TASK)
+    return c, w, task_id
+
+
+def test_a_finished_task_is_not_cancelled(broker, ctx):
+    c, w, task_id = running_task(broker, ctx)
     result(w, task_id, 1)
     w.expect(broker, 0.0, p.ACK)
     assert cancel(c, broker, task_id) == ["succeeded"]
@@ -1020,10 +1022,7 @@ def test_a_finished_task_is_not_cancelled(broker, ctx):
 
 def test_a_cancel_read_in_the_same_turn_as_the_result_leaves_the_task_succeeded(broker, ctx):
     # Given a running task
-    c = client(ctx, broker)
-    w = worker(ctx, broker, 0.0)
-    (task_id,) = submit(c, broker, 0.0, [task()])
-    w.expect(broker, 0.0, p.TASK)
+    c, w, task_id = running_task(broker, ctx)
     # When its result and then a cancel reach the broker before its next turn
     result(w, task_id, 1)
     time.sleep(0.05)
