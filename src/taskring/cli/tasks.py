@@ -154,7 +154,7 @@ def result(
 
 def cancel(
     task_ids: Annotated[
-        list[int], typer.Argument(min=0, metavar="ID...", help="Task ids, as submit printed them.")
+        list[int], typer.Argument(min=0, metavar="ID", help="Task ids, as submit printed them.")
     ],
     endpoint: EndpointOption = DEFAULT_ENDPOINT,
     timeout: TimeoutOption = 10.0,
