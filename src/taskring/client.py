@@ -297,7 +297,7 @@ class Client:
         and kept; an older broker that does not announce them has the defaults."""
         if self._limits is None:
             announced = self.broker_status().get("broker", {}).get("limits")
-            self._limits = _limits_from(announced)
+            self._limits = dataclasses.replace(_LIMITS, **protocol.announced_limits(announced))
         return self._limits
 
     def broker_status(self) -> dict[str, Any]:
@@ -626,12 +626,3 @@ def _unknown_names(reply: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, .
 
 def _item_bytes(item: dict[str, Any]) -> int:
     return len(item["payload"]) + len(item["name"]) + len(item.get("key") or "") + 32
-
-
-def _limits_from(announced: Any) -> protocol.Limits:
-    """Limits from a STATUS's `broker.limits`: known names with sane values, else defaults."""
-    if not isinstance(announced, dict):
-        return _LIMITS
-    known = {f.name for f in dataclasses.fields(protocol.Limits)}
-    values = {k: v for k, v in announced.items() if k in known and is_int(v) and v > 0}
-    return dataclasses.replace(_LIMITS, **values)

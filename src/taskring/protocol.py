@@ -760,6 +760,7 @@ class Welcome:
     heartbeat_s: float
     liveness: int
     dseq: int  # the dseq of the last TASK the broker sent before this WELCOME
+    limits: dict[str, int]  # the broker's Limits by name; empty from older brokers
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -819,8 +820,24 @@ def decode_welcome(body: Mapping[str, Any]) -> Welcome:
         raise ProtocolError(E_BAD_BODY, "heartbeat_ms and liveness must be positive")
     dseq = _count(body, "dseq") if body.get("dseq") is not None else 0
     return Welcome(
-        seq=_count(body, "seq"), heartbeat_s=heartbeat_ms / 1000, liveness=liveness, dseq=dseq
+        seq=_count(body, "seq"),
+        heartbeat_s=heartbeat_ms / 1000,
+        liveness=liveness,
+        dseq=dseq,
+        limits=announced_limits(body.get("limits")),
     )
+
+
+def announced_limits(announced: Any) -> dict[str, int]:
+    """The Limits a peer announced (STATUS, WELCOME): known names with positive int values."""
+    if not isinstance(announced, dict):
+        return {}
+    known = {f.name for f in dataclasses.fields(Limits)}
+    return {
+        k: v
+        for k, v in announced.items()
+        if k in known and isinstance(v, int) and not isinstance(v, bool) and v > 0
+    }
 
 
 def decode_ack(body: Mapping[str, Any]) -> Ack:

@@ -333,7 +333,10 @@ def test_broker_to_worker_round_trips() -> None:
             p.Assignment(43, 1, "shop.crop", PAYLOAD, None, 0),
         ),
     )
-    assert welcome == p.Welcome(seq=1, heartbeat_s=0.25, liveness=5, dseq=6)
+    assert welcome == p.Welcome(seq=1, heartbeat_s=0.25, liveness=5, dseq=6, limits={})
+    announced = {"max_message_bytes": 65_536, "max_batch": True, "unknown": 1, "max_frames": -4}
+    welcome_body = {"seq": 1, "heartbeat_ms": 250, "liveness": 5, "limits": announced}
+    assert p.decode_welcome(welcome_body).limits == {"max_message_bytes": 65_536}
     assert ack == p.Ack(seq=3, stale=(43,))
     assert p.decode_ack({"seq": 4}) == p.Ack(seq=4, stale=())
 

@@ -462,3 +462,27 @@ def test_an_outcome_is_sized_in_bytes_so_a_result_of_emoji_errors_stays_under_th
     # Then each RESULT body fits the limit
     sizes = [len(protocol.pack({"results": [o._asdict() for o in b]})) for b in batches]
     assert len(batches) >= 2 and max(sizes) < limits.max_message_bytes
+
+
+def test_results_keep_to_the_broker_s_limit_when_it_is_smaller_than_the_worker_s() -> None:
+    # Given a worker with the default limits, welcomed by a broker that takes 64 KiB
+    broker = FakeBroker(heartbeat_s=2.0, liveness=5)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    io = IOLoop(context, settings(endpoint=broker.endpoint), "small", {"wt.add": 3}, lambda a: None)
+    try:
+        io.poll_once(timeout_s=0)
+        limits = dataclasses.asdict(protocol.DEFAULT_LIMITS) | {"max_message_bytes": 65_536}
+        broker.register(limits=limits)
+        step_until(io, lambda: io.welcomed)
+        # When twelve tasks finish with 10 KB results each
+        for task_id in range(1, 13):
+            io.inbox.put(TaskOutcome(task_id, 1, True, b"v" * 10_000, None, True))
+        io.poll_once(timeout_s=0)
+        # Then they leave in RESULTs each under the broker's limit
+        bodies = [body for command, body in broker.pump(0.3) if command == protocol.RESULT]
+        assert sorted(i["id"] for body in bodies for i in items_of(body)) == list(range(1, 13))
+        assert len(bodies) >= 2 and max(len(protocol.pack(b)) for b in bodies) < 65_536
+    finally:
+        io.close(disconnect=False)
+        context.destroy(linger=0)
+        broker.close()

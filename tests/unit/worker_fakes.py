@@ -114,15 +114,15 @@ class FakeBroker:
             messages.append(got)
         return messages
 
-    def welcome(self, seq: int) -> None:
+    def welcome(self, seq: int, **extra: Any) -> None:
         heartbeat_ms = int(self.heartbeat_s * 1000)
-        self.send(
-            protocol.WELCOME, {"seq": seq, "heartbeat_ms": heartbeat_ms, "liveness": self.liveness}
-        )
+        body = {"seq": seq, "heartbeat_ms": heartbeat_ms, "liveness": self.liveness}
+        self.send(protocol.WELCOME, body | extra)
 
-    def register(self) -> dict[str, Any]:
+    def register(self, **extra: Any) -> dict[str, Any]:
+        """Answer the next READY with a WELCOME; `extra` fields go into its body."""
         ready = self.recv(protocol.READY)
-        self.welcome(ready["seq"])
+        self.welcome(ready["seq"], **extra)
         return ready
 
     def dispatch(self, *tasks: dict[str, Any]) -> None:

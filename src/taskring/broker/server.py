@@ -647,6 +647,7 @@ class Broker:
                 "heartbeat_ms": int(self.settings.heartbeat_s * 1000),
                 "liveness": self.settings.liveness,
                 "dseq": worker.dseq,
+                "limits": dataclasses.asdict(self.limits),
             },
         )
         self.placement.join(name, request.capacity, request.tasks)

@@ -11,6 +11,7 @@ timer, handles what arrived, then runs the timers, on every turn.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -68,6 +69,7 @@ class IOLoop:
         self.settings = settings
         self.name = name
         self.limits = limits
+        self._send_limits = limits  # the broker's, where smaller, once it WELCOMEs us
         self._context = context
         self._tasks = dict(tasks)  # name -> default max_attempts, as READY announces them
         self._submit = submit
@@ -329,6 +331,7 @@ class IOLoop:
         # The broker numbers TASK messages from here on; TASKs sent before this
         # WELCOME arrived before it on the same pipe.
         self._dseq = welcome.dseq
+        self._send_limits = _smaller(self.limits, welcome.limits)
         self._heartbeat_s = welcome.heartbeat_s
         self._liveness = welcome.liveness
         self._outstanding.backoff = self._backoff()
@@ -427,7 +430,7 @@ class IOLoop:
             elif isinstance(item, CheckpointRequest):
                 checkpoints.append(item)
         for batch in protocol.split_by_size(
-            checkpoints, _checkpoint_bytes, self.limits, task_id=attrgetter("task_id")
+            checkpoints, _checkpoint_bytes, self._send_limits, task_id=attrgetter("task_id")
         ):
             self._send_checkpoints(batch, now)
         if self._finished:
@@ -448,7 +451,7 @@ class IOLoop:
     def _send_results(self, now: float) -> None:
         """All of this turn's outcomes in one RESULT, split only by the message limits."""
         for batch in protocol.split_by_size(
-            self._finished, _outcome_bytes, self.limits, task_id=attrgetter("id")
+            self._finished, _outcome_bytes, self._send_limits, task_id=attrgetter("id")
         ):
             self._send_result(batch, now)
         self._finished = []
@@ -494,6 +497,16 @@ class IOLoop:
             # A bounded linger gives the DISCONNECT its chance without risking a hang.
             self._socket.close(linger=int(linger_s * 1000))
             self._socket = None
+
+
+def _smaller(own: protocol.Limits, broker: dict[str, int]) -> protocol.Limits:
+    """What this worker may send: its own message bounds, or the broker's if smaller.
+
+    Over the broker's max_message_bytes, its socket drops a message without a word.
+    """
+    bounds = ("max_message_bytes", "max_batch")
+    tighter = {k: min(getattr(own, k), broker[k]) for k in bounds if k in broker}
+    return dataclasses.replace(own, **tighter)
 
 
 def _checkpoint_bytes(request: CheckpointRequest) -> int:
