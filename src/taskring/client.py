@@ -93,8 +93,10 @@ class Client:
         self._answers: dict[int, tuple[bytes, dict[str, Any]]] = {}
         self._notified: dict[int, dict[str, Any]] = {}
         self._watched: set[int] = set()
-        # The broker's size limits: given, or asked once (STATUS) by the first submit_many.
+        # The broker's size limits: given, or asked (STATUS) by the first submit_many and
+        # asked again after the broker stopped answering (it may restart with others).
         self._limits = limits
+        self._limits_given = limits is not None
         sock: zmq.Socket[bytes] = (context or zmq.Context.instance()).socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, self.identity)
@@ -203,7 +205,13 @@ class Client:
         # max_message_bytes without an answer, and each task may be 1 MiB.
         limits = self.broker_limits()
         limits = dataclasses.replace(limits, max_batch=min(batch, limits.max_batch))
-        batches = protocol.split_by_size(items, _item_bytes, limits)
+        name_bytes = len(name.encode()) + 32
+
+        def item_bytes(item: dict[str, Any]) -> int:
+            key = item.get("key")
+            return len(item["payload"]) + name_bytes + (len(key.encode()) if key else 0)
+
+        batches = protocol.split_by_size(items, item_bytes, limits)
         ids: list[list[int]] = [[] for _ in batches]
         in_flight: dict[int, tuple[int, float]] = {}  # seq -> (batch index, deadline)
         sent = answered = 0
@@ -239,6 +247,9 @@ class Client:
                     continue
                 deadline = min(d for _, d in in_flight.values())
                 if time.monotonic() >= deadline:
+                    if not self._limits_given:
+                        # Silence may be a SUBMIT over a restarted broker's smaller limit.
+                        self._limits = None
                     raise self._unavailable()
                 self._pump(deadline)
         finally:
@@ -296,7 +307,8 @@ class Client:
         """The broker's size limits: as given to the constructor, or asked once (STATUS)
         and kept; an older broker that does not announce them has the defaults."""
         if self._limits is None:
-            announced = self.broker_status().get("broker", {}).get("limits")
+            facts = self.broker_status().get("broker")
+            announced = facts.get("limits") if isinstance(facts, dict) else None
             self._limits = dataclasses.replace(_LIMITS, **protocol.announced_limits(announced))
         return self._limits
 
@@ -622,7 +634,3 @@ def _unknown_names(reply: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, .
     if not isinstance(unknown, list) or not isinstance(known, list):
         raise malformed("SUBMIT reply has bad unknown/known name lists")
     return tuple(str(n) for n in unknown), tuple(str(n) for n in known)
-
-
-def _item_bytes(item: dict[str, Any]) -> int:
-    return len(item["payload"]) + len(item["name"]) + len(item.get("key") or "") + 32

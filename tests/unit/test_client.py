@@ -324,11 +324,53 @@ def test_submit_many_sizes_its_batches_by_the_limits_the_broker_announces(
         assert pending.result(timeout=5) == [99]
 
 
+def test_limits_are_asked_again_after_a_submit_went_unanswered(broker, context, in_thread):
+    # Given a client that learnt the broker's limits, then got no answer to a SUBMIT
+    with Client(broker.endpoint, timeout_s=0.5, backoff=FAST, context=context) as fresh:
+        pending = in_thread(fresh.submit_many, "add", [[1]])
+        identity, _, body = broker.recv()
+        broker.reply(identity, body["seq"], workers=[], states={}, broker={})
+        with pytest.raises(BrokerUnavailable):
+            pending.result(timeout=5)
+        while not broker.quiet(0.1):  # the unanswered SUBMIT and its resends
+            broker.recv()
+        # When it submits again, Then it asks the limits first: the broker may have
+        # restarted with smaller ones, which would explain the silence
+        pending = in_thread(fresh.submit_many, "add", [[2]])
+        identity, command, body = broker.recv()
+        assert command == protocol.STATUS
+        broker.reply(identity, body["seq"], workers=[], states={}, broker={})
+        identity, command, body = broker.recv()
+        broker.reply(identity, body["seq"], ids=[7])
+        assert pending.result(timeout=5) == [7]
+
+
+def test_submit_many_counts_names_and_keys_in_bytes(patient_client, broker, in_thread):
+    # Given a broker that takes 64 KiB, and tasks whose 256-character keys are 768 bytes
+    patient_client._limits = dataclasses.replace(protocol.DEFAULT_LIMITS, max_message_bytes=65_536)
+    pending = in_thread(
+        patient_client.submit_many, "add", [[i] for i in range(200)], key=lambda a: "鍵" * 256
+    )
+    # Then no SUBMIT outgrows the limit
+    count = 0
+    while count < 200:
+        identity, _, body = broker.recv()
+        assert len(protocol.pack(body)) < 65_536
+        broker.reply(identity, body["seq"], ids=list(range(count, count + len(body["tasks"]))))
+        count += len(body["tasks"])
+    assert len(pending.result(timeout=5)) == 200
+
+
 def test_a_broker_that_announces_no_limits_has_the_defaults(broker, context, in_thread):
     with Client(broker.endpoint, timeout_s=5.0, context=context) as fresh:
         pending = in_thread(fresh.broker_limits)
         identity, _, body = broker.recv()
         broker.reply(identity, body["seq"], workers=[], states={}, broker={"version": "0.0.1"})
+        assert pending.result(timeout=5) == protocol.DEFAULT_LIMITS
+    with Client(broker.endpoint, timeout_s=5.0, context=context) as other:
+        pending = in_thread(other.broker_limits)
+        identity, _, body = broker.recv()
+        broker.reply(identity, body["seq"], workers=[], states={}, broker=None)
         assert pending.result(timeout=5) == protocol.DEFAULT_LIMITS
 
 
