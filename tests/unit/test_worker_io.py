@@ -248,9 +248,10 @@ def test_silent_broker_gets_a_new_ready_with_held_then_the_unacked_result(
     # Then the worker reconnects and says what it still holds
     assert sorted(got[1]["held"]) == [[1, 1], [2, 1]]
     broker.beating = True
-    # ... and the unacknowledged result follows its READY on the new connection
-    assert broker.recv(protocol.RESULT)["seq"] == seq
+    # ... and the unacknowledged result follows the WELCOME on the new connection (not
+    # before it: the WELCOME says the broker's limits, which a restart may have changed)
     broker.welcome(got[1]["seq"])
+    assert broker.recv(protocol.RESULT)["seq"] == seq
     broker.ack(seq)
     assert broker.last_held(after=time.monotonic() + 0.05) == [[2, 1]]
 
@@ -464,25 +465,69 @@ def test_an_outcome_is_sized_in_bytes_so_a_result_of_emoji_errors_stays_under_th
     assert len(batches) >= 2 and max(sizes) < limits.max_message_bytes
 
 
-def test_results_keep_to_the_broker_s_limit_when_it_is_smaller_than_the_worker_s() -> None:
-    # Given a worker with the default limits, welcomed by a broker that takes 64 KiB
-    broker = FakeBroker(heartbeat_s=2.0, liveness=5)
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    io = IOLoop(context, settings(endpoint=broker.endpoint), "small", {"wt.add": 3}, lambda a: None)
-    try:
-        io.poll_once(timeout_s=0)
-        limits = dataclasses.asdict(protocol.DEFAULT_LIMITS) | {"max_message_bytes": 65_536}
-        broker.register(limits=limits)
-        step_until(io, lambda: io.welcomed)
-        # When twelve tasks finish with 10 KB results each
-        for task_id in range(1, 13):
-            io.inbox.put(TaskOutcome(task_id, 1, True, b"v" * 10_000, None, True))
-        io.poll_once(timeout_s=0)
-        # Then they leave in RESULTs each under the broker's limit
-        bodies = [body for command, body in broker.pump(0.3) if command == protocol.RESULT]
-        assert sorted(i["id"] for body in bodies for i in items_of(body)) == list(range(1, 13))
-        assert len(bodies) >= 2 and max(len(protocol.pack(b)) for b in bodies) < 65_536
-    finally:
-        io.close(disconnect=False)
-        context.destroy(linger=0)
-        broker.close()
+SMALL_BROKER = dataclasses.asdict(protocol.DEFAULT_LIMITS) | {"max_message_bytes": 65_536}
+
+
+def welcomed_by_small_broker(stepped: Stepped) -> None:
+    """The broker says DISCONNECT, and WELCOMEs the new READY announcing 64 KiB messages."""
+    broker, io = stepped
+    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
+    step_until(io, lambda: not io.welcomed)
+    broker.welcome(broker.recv(protocol.READY)["seq"], limits=SMALL_BROKER)
+    step_until(io, lambda: io.welcomed)
+
+
+def test_results_keep_to_the_broker_s_limit_when_it_is_smaller_than_the_worker_s(
+    stepped: Stepped,
+) -> None:
+    # Given a worker welcomed by a broker that takes 64 KiB
+    broker, io = stepped
+    welcomed_by_small_broker(stepped)
+    # When twelve tasks finish with 10 KB results each
+    for task_id in range(1, 13):
+        io.inbox.put(TaskOutcome(task_id, 1, True, b"v" * 10_000, None, True))
+    io.poll_once(timeout_s=0)
+    # Then they leave in RESULTs each under the broker's limit
+    bodies = [body for command, body in broker.pump(0.3) if command == protocol.RESULT]
+    assert sorted(i["id"] for body in bodies for i in items_of(body)) == list(range(1, 13))
+    assert len(bodies) >= 2 and max(len(protocol.pack(b)) for b in bodies) < 65_536
+
+
+def test_results_cut_for_a_larger_broker_are_cut_again_when_it_comes_back_smaller(
+    stepped: Stepped,
+) -> None:
+    # Given twelve 10 KB results sent in one RESULT that no ACK answered
+    broker, io = stepped
+    for task_id in range(1, 13):
+        io.inbox.put(TaskOutcome(task_id, 1, True, b"v" * 10_000, None, True))
+    io.poll_once(timeout_s=0)
+    (first,) = [body for command, body in broker.pump(0.3) if command == protocol.RESULT]
+    # When the broker comes back taking 64 KiB
+    welcomed_by_small_broker(stepped)
+    io.poll_once(timeout_s=0)
+    # Then the results go again in new RESULTs under it, and the old one never again
+    bodies = [body for command, body in broker.pump(0.3) if command == protocol.RESULT]
+    assert first["seq"] not in {b["seq"] for b in bodies}
+    assert sorted(i["id"] for body in bodies for i in items_of(body)) == list(range(1, 13))
+    assert max(len(protocol.pack(b)) for b in bodies) < 65_536
+
+
+def test_a_result_or_state_too_large_for_the_broker_s_messages_fails_at_once(
+    stepped: Stepped,
+) -> None:
+    # Given a worker welcomed by a broker that takes 64 KiB
+    broker, io = stepped
+    welcomed_by_small_broker(stepped)
+    # When a task returns 100 KB, and another checkpoints 100 KB
+    io.inbox.put(TaskOutcome(1, 1, True, b"v" * 100_000, None, True))
+    big = CheckpointRequest(2, 1, 1, b"s" * 100_000, Waiter())
+    io.inbox.put(big)
+    io.poll_once(timeout_s=0)
+    # Then the task is reported failed, for good, saying why
+    (body,) = [body for command, body in broker.pump(0.3) if command == protocol.RESULT]
+    (item,) = items_of(body)
+    assert (item["ok"], item["retry"]) == (False, False)
+    assert "max_message_bytes (65536)" in item["error"]
+    # And the checkpoint fails in its task at once, instead of being sent without end
+    with pytest.raises(RequestRejected, match="too-large"):
+        big.waiter.wait()

@@ -498,8 +498,9 @@ class Broker:
             "orphaned_leases": len(self.orphans),
             "rejected": dict(self.rejected),
             "curve": self.curve is not None,
-            # So a client can size its requests: over max_message_bytes, libzmq
-            # drops a message without a word.
+            # So a client can size its requests: over max_message_bytes, the
+            # answer is an ERROR without seq or, past ZMQ_MAXMSGSIZE, a dropped
+            # connection.
             "limits": dataclasses.asdict(self.limits),
         }
         states = {state: count for state, count in self.counts.items() if count}

@@ -205,8 +205,9 @@ class IOLoop:
                 self._drain_announced = True
             self._send(protocol.frames(PROTOCOL_WORKER, protocol.HEARTBEAT, body))
             self._heartbeat_due = now + self._heartbeat_s
-        for frames in self._outstanding.due(now):
-            self._send(frames)
+        if self.welcomed:
+            for frames in self._outstanding.due(now):
+                self._send(frames)
 
     # ------------------------------------------------------------ the socket
 
@@ -235,11 +236,10 @@ class IOLoop:
         self._last_heard = now
         self.welcomed = False
         self._ready_seqs.clear()
-        self._resend_on_welcome = False
+        # Not before the WELCOME: it says the broker's limits, and a message over
+        # them makes its socket drop the connection, with the READY's answer.
+        self._resend_on_welcome = True
         self._send_ready(now)
-        # Behind the READY on the same pipe, so the broker knows us when they arrive.
-        for frames in self._outstanding.resend_all(now):
-            self._send(frames)
 
     def _drop_socket(self) -> None:
         if self._socket is not None:
@@ -331,7 +331,11 @@ class IOLoop:
         # The broker numbers TASK messages from here on; TASKs sent before this
         # WELCOME arrived before it on the same pipe.
         self._dseq = welcome.dseq
-        self._send_limits = _smaller(self.limits, welcome.limits)
+        limits = _smaller(self.limits, welcome.limits)
+        if limits != self._send_limits:
+            self._send_limits = limits
+            self._resend_on_welcome = False  # all of it goes below, cut anew
+            self._cut_again(now)
         self._heartbeat_s = welcome.heartbeat_s
         self._liveness = welcome.liveness
         self._outstanding.backoff = self._backoff()
@@ -429,12 +433,49 @@ class IOLoop:
                 self._finished.append(item)
             elif isinstance(item, CheckpointRequest):
                 checkpoints.append(item)
-        for batch in protocol.split_by_size(
-            checkpoints, _checkpoint_bytes, self._send_limits, task_id=attrgetter("task_id")
-        ):
-            self._send_checkpoints(batch, now)
+        self._cut_checkpoints(checkpoints, now)
         if self._finished:
             self._send_results(now)
+
+    def _cut_checkpoints(self, checkpoints: list[CheckpointRequest], now: float) -> None:
+        """CHECKPOINTs within the limits; a state too large for any is refused at once."""
+        fits = []
+        for request in checkpoints:
+            size = _checkpoint_bytes(request)
+            if size > self._single_item_bytes():
+                request.waiter.fail(RequestRejected(protocol.E_TOO_LARGE, self._too_large(size)))
+            else:
+                fits.append(request)
+        for batch in protocol.split_by_size(
+            fits, _checkpoint_bytes, self._send_limits, task_id=attrgetter("task_id")
+        ):
+            self._send_checkpoints(batch, now)
+
+    def _cut_again(self, now: float) -> None:
+        """The broker's limits shrank: what was cut for the larger ones goes again, cut anew.
+
+        Under new sequence numbers; the broker applies an item once whichever
+        message brings it, as when a rejected batch goes again item by item.
+        """
+        for seq in list(self._results):
+            self._outstanding.ack(seq)
+            self._finished.extend(self._results.pop(seq))
+        checkpoints = []
+        for seq in list(self._waiters):
+            self._outstanding.ack(seq)
+            checkpoints.extend(self._waiters.pop(seq))
+        self._cut_checkpoints(checkpoints, now)
+        if self._finished:
+            self._send_results(now)
+
+    def _single_item_bytes(self) -> int:
+        # What one item may take: the message limit less room for the envelope.
+        limit = self._send_limits.max_message_bytes
+        return limit - min(1024, limit // 4)
+
+    def _too_large(self, size: int) -> str:
+        limit = self._send_limits.max_message_bytes
+        return f"{size} bytes do not fit the broker's max_message_bytes ({limit})"
 
     def _send_checkpoints(self, batch: list[CheckpointRequest], now: float) -> None:
         seq = self._outstanding.next_seq()
@@ -446,12 +487,29 @@ class IOLoop:
         frames = protocol.frames(PROTOCOL_WORKER, protocol.CHECKPOINT, body)
         self._outstanding.add(seq, frames, now)
         self._waiters[seq] = batch
-        self._send(frames)
+        if self.welcomed:  # else it goes with the others once WELCOME comes
+            self._send(frames)
 
     def _send_results(self, now: float) -> None:
-        """All of this turn's outcomes in one RESULT, split only by the message limits."""
+        """All of this turn's outcomes in one RESULT, split only by the message limits.
+
+        A result too large for any message is sent as the failure it is.
+        """
+        outcomes = [
+            o
+            if _outcome_bytes(o) <= self._single_item_bytes()
+            else TaskOutcome(
+                o.id,
+                o.attempt,
+                False,
+                None,
+                "result: " + self._too_large(len(o.value or b"")),
+                False,
+            )
+            for o in self._finished
+        ]
         for batch in protocol.split_by_size(
-            self._finished, _outcome_bytes, self._send_limits, task_id=attrgetter("id")
+            outcomes, _outcome_bytes, self._send_limits, task_id=attrgetter("id")
         ):
             self._send_result(batch, now)
         self._finished = []
@@ -472,7 +530,8 @@ class IOLoop:
         frames = protocol.frames(PROTOCOL_WORKER, protocol.RESULT, {"seq": seq, "results": results})
         self._outstanding.add(seq, frames, now)
         self._results[seq] = batch
-        self._send(frames)
+        if self.welcomed:  # else it goes with the others once WELCOME comes
+            self._send(frames)
 
     # ------------------------------------------------------------ shutdown
 
@@ -502,7 +561,8 @@ class IOLoop:
 def _smaller(own: protocol.Limits, broker: dict[str, int]) -> protocol.Limits:
     """What this worker may send: its own message bounds, or the broker's if smaller.
 
-    Over the broker's max_message_bytes, its socket drops a message without a word.
+    Over the broker's max_message_bytes, the answer is an ERROR without a seq (which
+    names no message to give up on) or, past ZMQ_MAXMSGSIZE, a dropped connection.
     """
     bounds = ("max_message_bytes", "max_batch")
     tighter = {k: min(getattr(own, k), broker[k]) for k in bounds if k in broker}
