@@ -105,6 +105,20 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+# Envelope, names, keys and a READY's `held` list (1000 pairs): what a message
+# carries besides its one largest item.
+MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+def message_room_needed(limits: Limits) -> int:
+    """The least max_message_bytes that carries one task at the other limits: a
+    SUBMIT or TASK with its payload (and a TASK's checkpoint), a RESULT with its
+    value and an error of max_error_len 4-byte characters."""
+    task = limits.max_payload_bytes + limits.max_checkpoint_bytes
+    result = limits.max_result_bytes + 4 * limits.max_error_len
+    return max(task, result) + MESSAGE_OVERHEAD_BYTES
+
+
 T = TypeVar("T")
 
 

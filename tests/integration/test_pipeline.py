@@ -176,8 +176,9 @@ def test_a_cancelled_running_task_stops_at_its_next_checkpoint(
 
 
 def test_submit_many_keeps_to_a_broker_with_a_smaller_message_limit(cluster: Cluster) -> None:
-    # Given a broker that takes messages of 256 KiB at most
-    cluster.start_broker("--max-message-bytes", "262144")
+    # Given a broker that takes messages of 256 KiB at most (and tasks of 64 KiB)
+    small = ["--max-payload-bytes", "65536", "--max-checkpoint-bytes", "65536"]
+    cluster.start_broker("--max-message-bytes", "262144", *small, "--max-result-bytes", "65536")
     with cluster.client() as client:
         # When 40 tasks of 50 KB arguments are submitted at once (2 MB)
         ids = client.submit_many("tt_tasks.add", [(b"x" * 50_000, i) for i in range(40)])

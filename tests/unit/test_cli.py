@@ -142,7 +142,6 @@ def test_an_unreachable_broker_is_one_line_and_exit_3(command):
 
 
 def test_a_worker_for_a_missing_module_is_one_line_and_exit_2():
-    pytest.importorskip("taskring.workers", reason="taskring.workers is not written yet")
     # Given a module that does not exist
     # When starting a worker for it (no broker needed: it fails while importing)
     result = runner.invoke(app, ["worker", "nonexistent_module_xyz", "--log-level", "error"])
@@ -150,6 +149,17 @@ def test_a_worker_for_a_missing_module_is_one_line_and_exit_2():
     assert result.exit_code == ExitCode.USAGE, result.output
     assert "nonexistent_module_xyz" in one_line(result.stderr)
     assert "Traceback" not in result.output
+
+
+def test_a_broker_whose_message_limit_cannot_carry_a_task_is_refused(tmp_path):
+    # Given a message limit of 256 KiB and tasks of up to 1 MiB (the default)
+    db = tmp_path / "tasks.db"
+    args = ["broker", "--db", str(db), "--max-message-bytes", "262144", "--log-level", "error"]
+    # When the broker is started, Then it refuses in one line, and writes nothing
+    result = runner.invoke(app, args)
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "--max-message-bytes 262144 cannot carry one task" in one_line(result.stderr)
+    assert not db.exists()
 
 
 @pytest.mark.parametrize("command", COMMANDS)

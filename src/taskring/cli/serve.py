@@ -26,7 +26,7 @@ from taskring.cli.common import (
 )
 from taskring.client import DEFAULT_ENDPOINT
 from taskring.errors import TaskringError
-from taskring.protocol import DEFAULT_LIMITS
+from taskring.protocol import DEFAULT_LIMITS, message_room_needed
 from taskring.security import CurveClientConfig, CurveServerConfig
 
 
@@ -93,6 +93,14 @@ def broker(
         max_result_bytes=max_result_bytes,
         max_checkpoint_bytes=max_checkpoint_bytes,
     )
+    if (room := message_room_needed(limits)) > max_message_bytes:
+        # Else a task within every other limit could never travel: its SUBMIT,
+        # TASK or RESULT alone would be over the message limit.
+        fail(
+            f"--max-message-bytes {max_message_bytes} cannot carry one task at the other "
+            f"limits; it needs at least {room}, or lower --max-payload-bytes, "
+            "--max-checkpoint-bytes or --max-result-bytes"
+        )
     try:
         run_broker(
             BrokerSettings(
