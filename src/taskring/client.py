@@ -353,7 +353,7 @@ class Client:
 
         `cancelled` for a task cancelled now or before; the final state of one
         that had already ended, which stays as it was; None for an unknown id.
-        A running task is told at its next checkpoint (`ctx.lease_lost`), and
+        A running task sees `ctx.lease_lost` within a heartbeat, and
         its result is not applied. With CURVE, only the key that submitted a
         task may cancel it: RequestRejected otherwise. Ids go max_batch to a
         CANCEL, and a refused CANCEL changes nothing, but batches before it

@@ -854,6 +854,11 @@ def announced_limits(announced: Any) -> dict[str, int]:
     }
 
 
+def decode_broker_heartbeat(body: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+    """The `stale` pairs of a broker's HEARTBEAT: held attempts whose lease is gone."""
+    return _held({"held": body.get("stale") or []}, DEFAULT_LIMITS)
+
+
 def decode_ack(body: Mapping[str, Any]) -> Ack:
     stale = _optional(body, "stale", list, [])
     return Ack(seq=_count(body, "seq"), stale=tuple(i for i in stale if isinstance(i, int)))

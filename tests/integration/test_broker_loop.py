@@ -1012,6 +1012,17 @@ def running_task(broker: Broker, ctx: zmq.Context[Any]) -> tuple[Peer, Peer, int
     return c, w, task_id
 
 
+def test_the_worker_s_heartbeats_name_a_cancelled_attempt_it_still_runs(broker, ctx):
+    # Given a running task, cancelled
+    c, w, task_id = running_task(broker, ctx)
+    assert cancel(c, broker, task_id) == ["cancelled"]
+    # When the worker reports it still runs it, and the broker's next heartbeat is due
+    w.send(p.HEARTBEAT, {"dseq": 1, "held": [[task_id, 1]]})
+    beats = [body for command, body in w.drain(broker, 60.0) if command == p.HEARTBEAT]
+    # Then the broker names it stale, so its task can stop before its next checkpoint
+    assert beats and beats[-1]["stale"] == [[task_id, 1]]
+
+
 def test_a_finished_task_is_not_cancelled(broker, ctx):
     c, w, task_id = running_task(broker, ctx)
     result(w, task_id, 1)

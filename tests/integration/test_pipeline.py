@@ -186,3 +186,23 @@ def test_submit_many_keeps_to_a_broker_with_a_smaller_message_limit(cluster: Clu
         assert client.broker_limits().max_message_bytes == 262_144
         assert len(set(ids)) == 40
         assert client.broker_status()["states"] == {"queued": 40}
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_a_cancelled_task_that_never_checkpoints_hears_it_within_a_heartbeat(
+    cluster: Cluster, pool: str
+) -> None:
+    # Given a worker with one slot running a task that polls ctx.lease_lost for 30 s
+    cluster.start_broker()
+    cluster.start_worker("w1", "--pool", pool, module="crash_tasks", concurrency=1)
+    cluster.wait_workers("w1")
+    with cluster.client() as client:
+        handle = client.submit("crash_tasks.until_lease_lost", 30.0)
+        wait_for(lambda: client.status(handle.id).state == "running", 20, "the task to start")
+        # When it is cancelled
+        assert client.cancel([handle.id]) == {handle.id: "cancelled"}
+        # Then it stops within moments (a broker heartbeat is 0.2 s here), freeing the slot
+        started = time.monotonic()
+        assert client.submit("crash_tasks.square", 7).result(timeout=20) == 49
+        assert time.monotonic() - started < 10
+        assert client.status(handle.id).state == "cancelled"

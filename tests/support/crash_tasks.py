@@ -59,3 +59,14 @@ def poison(log_path: str) -> None:
     """Kill the process that runs it, on every attempt, after noting its pid."""
     append_line(log_path, str(os.getpid()))
     os._exit(17)
+
+
+@task
+def until_lease_lost(ctx: Any, seconds: float) -> bool:
+    """Poll ctx.lease_lost without checkpointing; True if it turned within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ctx.lease_lost:
+            return True
+        time.sleep(0.01)
+    return False

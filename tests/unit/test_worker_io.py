@@ -531,3 +531,19 @@ def test_a_result_or_state_too_large_for_the_broker_s_messages_fails_at_once(
     # And the checkpoint fails in its task at once, instead of being sent without end
     with pytest.raises(RequestRejected, match="too-large"):
         big.waiter.wait()
+
+
+def test_a_broker_heartbeat_naming_a_held_attempt_stale_reaches_its_task(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a task that polls ctx.lease_lost and never checkpoints
+    start()
+    broker.register()
+    broker.dispatch(assignment(1, "wt.until_stale", 10.0), assignment(2, "wt.until_stale", 0.5))
+    assert broker.last_held(after=time.monotonic()) == [[1, 1], [2, 1]]
+    # When the broker's heartbeat says attempt 1 of task 1 is stale (cancelled, say)
+    broker.send(protocol.HEARTBEAT, {"stale": [[1, 1], [99, 1]]})
+    # Then that task sees it at once and ends; the other one never does
+    results = broker.results_acked(2)
+    assert protocol.unpack(results[1]["value"]) is True
+    assert protocol.unpack(results[2]["value"]) is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -97,3 +98,16 @@ def test_the_process_pool_needs_modules() -> None:
     with pytest.raises(WorkerConfigError, match=r"needs settings\.modules"):
         ProcessPool(1, (), protocol.DEFAULT_LIMITS)
     assert WorkerSettings(pool="process").pool == "process"
+
+
+def test_a_task_in_a_child_process_learns_its_lease_is_gone(
+    broker: FakeBroker, worker: WorkerThread
+) -> None:
+    # Given a task in a child process that polls ctx.lease_lost and never checkpoints
+    broker.register()
+    broker.dispatch(assignment(1, "wt.until_stale", 20.0))
+    assert broker.last_held(after=time.monotonic() + 1) == [[1, 1]]
+    # When the broker's heartbeat names its attempt stale, Then the child sees it and ends
+    broker.send(protocol.HEARTBEAT, {"stale": [[1, 1]]})
+    _, results = broker.result(timeout_s=15)
+    assert protocol.unpack(results[1]["value"]) is True

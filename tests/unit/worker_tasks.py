@@ -90,3 +90,14 @@ async def coroutine() -> int:
 @task(name="wt.exit")
 def hard_exit(code: int) -> None:
     os._exit(code)
+
+
+@task(name="wt.until_stale")
+def until_stale(ctx: TaskContext, seconds: float) -> bool:
+    """Poll ctx.lease_lost without ever checkpointing; True if it turned within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ctx.lease_lost:
+            return True
+        time.sleep(0.01)
+    return False

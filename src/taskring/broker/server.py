@@ -350,7 +350,13 @@ class Broker:
         heartbeat = [p.PROTOCOL_WORKER, p.HEARTBEAT, p.pack({})]
         for worker in self.workers.values():
             if now - worker.last_sent >= self.settings.heartbeat_s:
-                p.send_frames(self.socket, [worker.identity, *heartbeat])
+                frames = heartbeat
+                if worker.foreign:
+                    # Attempts it holds whose lease is gone (superseded or cancelled): it
+                    # may tell their tasks now, not at their next checkpoint.
+                    stale = sorted(worker.foreign)[: self.limits.max_batch]
+                    frames = [p.PROTOCOL_WORKER, p.HEARTBEAT, p.pack({"stale": stale})]
+                p.send_frames(self.socket, [worker.identity, *frames])
                 worker.last_sent = now
 
     # ------------------------------------------------------------ clients
@@ -540,8 +546,8 @@ class Broker:
         """Queued and running tasks become `cancelled`; a final task stays as it is.
 
         A running task's lease ends here, as if it were superseded: the worker
-        hears `stale` at its next checkpoint (the task sees ctx.lease_lost) and
-        its result is refused. The slot stays taken until the worker stops
+        hears `stale` in our next HEARTBEAT or at its next checkpoint (the task
+        sees ctx.lease_lost), and its result is refused. The slot stays taken until the worker stops
         reporting the task as held.
         """
         request = p.decode_cancel(envelope.body, self.limits)

@@ -162,8 +162,8 @@ def cancel(
 ) -> None:
     """Cancel queued or running tasks; exit 1 if any had already ended or does not exist.
 
-    A running task learns it at its next checkpoint (ctx.lease_lost), and its
-    result is not applied.
+    A running task sees ctx.lease_lost within a heartbeat, and its result is
+    not applied.
     """
     setup_logging(log_level)
     with connect(endpoint, timeout) as client:

@@ -10,6 +10,8 @@ from taskring import protocol
 # (task id, attempt, checkpoint number, packed state) -> stale. Blocks until the
 # broker's ACK; raises WorkerStopped if the worker stops first.
 CheckpointFn = Callable[[int, int, int, bytes], bool]
+# (task id, attempt) -> whether the broker has said this attempt's lease is gone.
+StaleFn = Callable[[int, int], bool]
 
 
 class TaskContext:
@@ -31,17 +33,27 @@ class TaskContext:
         send: CheckpointFn,
         *,
         limits: protocol.Limits = protocol.DEFAULT_LIMITS,
+        is_stale: StaleFn | None = None,
     ) -> None:
         self.task_id = task_id
         self.attempt = attempt
         self.state = state
         self.number = number  # of the last checkpoint stored; the next one is number + 1
-        # True once the broker said this attempt is superseded (the task was
-        # re-leased elsewhere). The checkpoint was recorded but not applied; the
-        # result will not be applied either, so the task may stop early.
-        self.lease_lost = False
+        self._lost = False  # a checkpoint's ACK called this attempt stale
         self._send = send
         self._limits = limits
+        self._is_stale = is_stale
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once the broker said this attempt's lease is gone: the task was
+        re-leased elsewhere, or cancelled. Its result will not be applied, so the
+        task may stop early. Set by a stale checkpoint at once, else within a
+        heartbeat interval of the broker learning it; cheap to poll in a thread
+        pool, one round trip to the worker in a process pool."""
+        if not self._lost and self._is_stale is not None:
+            self._lost = self._is_stale(self.task_id, self.attempt)
+        return self._lost
 
     def checkpoint(self, state: Any) -> None:
         """Store `state` with the task; returns once the broker has made it durable.
@@ -68,7 +80,7 @@ class TaskContext:
         self.number = number
         self.state = protocol.unpack(data)
         if stale:
-            self.lease_lost = True
+            self._lost = True
 
     def __repr__(self) -> str:
         return (

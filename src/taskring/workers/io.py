@@ -105,6 +105,7 @@ class IOLoop:
         self.stopping = False  # draining: tell the broker, finish what was sent, take no more
         self._drain_announced = False
         self.closed = False
+        self._stale: set[tuple[int, int]] = set()  # held attempts the broker said are stale
 
     # ------------------------------------------------------------ task side (any thread)
 
@@ -118,6 +119,10 @@ class IOLoop:
         if not self.inbox.put(CheckpointRequest(task_id, attempt, number, state, waiter)):
             raise WorkerStopped("the worker stopped; the checkpoint was not stored")
         return waiter.wait()
+
+    def is_stale(self, task_id: int, attempt: int) -> bool:
+        """True once the broker said this attempt's lease is gone (any thread)."""
+        return (task_id, attempt) in self._stale
 
     def wake(self) -> None:
         self.inbox.wake()
@@ -300,7 +305,9 @@ class IOLoop:
         elif command == protocol.ACK:
             self._on_ack(protocol.decode_ack(body))
         elif command == protocol.HEARTBEAT:
-            pass
+            # Once stale, always: a new set each time, so task threads read it unlocked.
+            stale = self._stale | set(protocol.decode_broker_heartbeat(body))
+            self._stale = {key for key in stale if key in self.held}
         elif command == protocol.WELCOME:
             self._on_welcome_message(protocol.decode_welcome(body), now)
         elif command == protocol.DISCONNECT:

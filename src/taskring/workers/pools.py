@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 class Sink(Protocol):
     def finished(self, outcome: TaskOutcome) -> None: ...
     def checkpoint(self, task_id: int, attempt: int, number: int, state: bytes) -> bool: ...
+    def is_stale(self, task_id: int, attempt: int) -> bool: ...
 
 
 class Pool(Protocol):
@@ -71,7 +72,9 @@ class ThreadPool:
     def _loop(self, sink: Sink) -> None:
         while (a := self._queue.get()) is not None:
             try:
-                outcome = run_assignment(a, self._specs, sink.checkpoint, limits=self._limits)
+                outcome = run_assignment(
+                    a, self._specs, sink.checkpoint, limits=self._limits, is_stale=sink.is_stale
+                )
             except BaseException as e:  # run_assignment catches all; this is the last guard
                 outcome = failure(a, describe_exception(e), retry=True, limits=self._limits)
             sink.finished(outcome)
@@ -131,6 +134,11 @@ def child_main(conn: Connection, modules: tuple[str, ...]) -> None:
             raise WorkerStopped("the worker stopped before the broker acknowledged the checkpoint")
         return bool(reply[1])
 
+    def is_stale(task_id: int, attempt: int) -> bool:
+        _send(conn, ["stale?", task_id, attempt])
+        reply = _recv(conn)
+        return reply[0] == "stale" and bool(reply[1])
+
     while True:
         try:
             message = _recv(conn)
@@ -138,7 +146,7 @@ def child_main(conn: Connection, modules: tuple[str, ...]) -> None:
             return  # the parent is gone
         if message[0] != "run":
             return
-        outcome = run_assignment(Assignment(*message[1]), specs, checkpoint)
+        outcome = run_assignment(Assignment(*message[1]), specs, checkpoint, is_stale=is_stale)
         _send(conn, ["done", list(_outcome_fields(outcome))])
 
 
@@ -238,6 +246,9 @@ class _Slot:
                 message = self._recv()
                 if message[0] == "done":
                     return TaskOutcome(*message[1])
+                if message[0] == "stale?":
+                    _send(conn, ["stale", sink.is_stale(message[1], message[2])])
+                    continue
                 if message[0] == "ckpt":
                     try:
                         reply = ["ack", sink.checkpoint(*message[1:5])]

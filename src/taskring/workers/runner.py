@@ -16,7 +16,7 @@ from typing import Any
 from taskring import protocol
 from taskring.protocol import Assignment, TaskOutcome
 from taskring.registry import TaskSpec
-from taskring.workers.context import CheckpointFn, TaskContext
+from taskring.workers.context import CheckpointFn, StaleFn, TaskContext
 
 TRACEBACK_FRAMES = 4  # frames kept from the end of a task's traceback
 
@@ -76,6 +76,7 @@ def run_assignment(
     checkpoint: CheckpointFn,
     *,
     limits: protocol.Limits = protocol.DEFAULT_LIMITS,
+    is_stale: StaleFn | None = None,
 ) -> TaskOutcome:
     spec = specs.get(a.name)
     if spec is None:
@@ -89,7 +90,9 @@ def run_assignment(
 
     try:
         if spec.wants_context:
-            ctx = TaskContext(a.id, a.attempt, state, a.number, checkpoint, limits=limits)
+            ctx = TaskContext(
+                a.id, a.attempt, state, a.number, checkpoint, limits=limits, is_stale=is_stale
+            )
             value = spec.fn(ctx, *args, **kwargs)
         else:
             value = spec.fn(*args, **kwargs)
