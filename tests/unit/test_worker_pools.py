@@ -111,3 +111,22 @@ def test_a_task_in_a_child_process_learns_its_lease_is_gone(
     broker.send(protocol.HEARTBEAT, {"stale": [[1, 1]]})
     _, results = broker.result(timeout_s=15)
     assert protocol.unpack(results[1]["value"]) is True
+
+
+def test_lease_lost_polled_from_another_thread_while_checkpointing_keeps_the_pipe_in_step(
+    broker: FakeBroker, worker: WorkerThread
+) -> None:
+    # Given a task in a child process that checkpoints while a helper thread polls lease_lost
+    broker.register()
+    broker.dispatch(assignment(1, "wt.poll_while_checkpointing", 20))
+    # When every checkpoint is acknowledged
+    while True:
+        got = broker._next(time.monotonic() + 15)
+        assert got is not None, "the task neither checkpointed nor finished"
+        command, body = got
+        if command == protocol.CHECKPOINT:
+            broker.ack(body["seq"])
+        elif command == protocol.RESULT:
+            break
+    # Then no answer went to the wrong question: every checkpoint saw its own ACK
+    assert protocol.unpack(body["results"][0]["value"]) == "ok"

@@ -101,3 +101,27 @@ def until_stale(ctx: TaskContext, seconds: float) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+@task(name="wt.poll_while_checkpointing")
+def poll_while_checkpointing(ctx: TaskContext, n: int) -> str:
+    """Checkpoint n times while a helper thread polls ctx.lease_lost all along."""
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            ctx.lease_lost  # noqa: B018 - the read is the point: it asks the worker
+            time.sleep(0.001)
+
+    helper = threading.Thread(target=poll)
+    helper.start()
+    try:
+        for i in range(n):
+            ctx.checkpoint(i)
+            time.sleep(0.02)
+        return "ok"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        done.set()
+        helper.join(2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -35,6 +36,8 @@ from taskring.workers.loading import load_modules
 from taskring.workers.runner import describe_exception, failure, run_assignment
 
 log = logging.getLogger(__name__)
+
+STALE_POLL_S = 0.05  # a child asks its relay whether a lease is gone at most this often
 
 
 class Sink(Protocol):
@@ -125,9 +128,15 @@ def child_main(conn: Connection, modules: tuple[str, ...]) -> None:
     specs = registered()
     _send(conn, ["ready", os.getpid()])
 
+    # A task may checkpoint from one thread and poll ctx.lease_lost from another:
+    # each question and its answer hold the pipe, or the answers cross.
+    pipe = threading.Lock()
+    asked: dict[tuple[int, int], float] = {}  # (id, attempt) -> when the relay said not stale
+
     def checkpoint(task_id: int, attempt: int, number: int, state: bytes) -> bool:
-        _send(conn, ["ckpt", task_id, attempt, number, state])
-        reply = _recv(conn)
+        with pipe:
+            _send(conn, ["ckpt", task_id, attempt, number, state])
+            reply = _recv(conn)
         if reply[0] == "rejected":
             raise RequestRejected(str(reply[1]), str(reply[2]))
         if reply[0] != "ack":
@@ -135,9 +144,18 @@ def child_main(conn: Connection, modules: tuple[str, ...]) -> None:
         return bool(reply[1])
 
     def is_stale(task_id: int, attempt: int) -> bool:
-        _send(conn, ["stale?", task_id, attempt])
-        reply = _recv(conn)
-        return reply[0] == "stale" and bool(reply[1])
+        # The news comes with a broker heartbeat: asking the relay more often
+        # than this would only keep the worker process busy for a tight poll.
+        key = (task_id, attempt)
+        if time.monotonic() - asked.get(key, -math.inf) < STALE_POLL_S:
+            return False
+        with pipe:
+            _send(conn, ["stale?", task_id, attempt])
+            reply = _recv(conn)
+        stale = reply[0] == "stale" and bool(reply[1])
+        asked.clear()  # one task at a time: only its own answer is worth keeping
+        asked[key] = time.monotonic()
+        return stale
 
     while True:
         try:
