@@ -547,8 +547,8 @@ class Broker:
 
         A running task's lease ends here, as if it were superseded: the worker
         hears `stale` in our next HEARTBEAT or at its next checkpoint (the task
-        sees ctx.lease_lost), and its result is refused. The slot stays taken until the worker stops
-        reporting the task as held.
+        sees ctx.lease_lost), and its result is refused. The slot stays taken
+        until the worker stops reporting the task as held.
         """
         request = p.decode_cancel(envelope.body, self.limits)
         self._flush_writes(wall)  # results applied earlier this turn: the log must show them
@@ -556,14 +556,15 @@ class Broker:
         if self._peer_key is not None:
             # With CURVE, only the key that submitted a task may cancel it.
             mine = f"{self._peer_key}/"
-            for task_id, (_state, _attempt, client) in found.items():
-                if not (client or "").startswith(mine):
+            for task_id, row in found.items():
+                if not (row["client"] or "").startswith(mine):
                     raise p.ProtocolError(
                         p.E_FORBIDDEN, f"task {task_id} was submitted by another key"
                     )
         cancelled: list[tuple[int, int, str | None]] = []
         for task_id in dict.fromkeys(request.ids):  # an id named twice is cancelled once
-            state, attempt, _client = found.get(task_id, (None, 0, None))
+            row = found.get(task_id)
+            state, attempt = (row["state"], row["attempt"]) if row else (None, 0)
             worker = None
             if state == p.RUNNING:
                 lease = self.leases.get(task_id)
@@ -582,13 +583,13 @@ class Broker:
             self._move(state, p.CANCELLED)
             cancelled.append((task_id, attempt, worker))
         self.store.cancel(cancelled, CANCEL_REASON, wall)
-        if cancelled:
-            rows = self.store.views([task_id for task_id, _, _ in cancelled])
-            for task_id, row in rows.items():
-                self._notify(task_id, p.task_view(row))
+        watched = [task_id for task_id, _, _ in cancelled if task_id in self.watchers]
+        for task_id, row in self.store.views(watched).items():
+            self._notify(task_id, p.task_view(row))
         done = {task_id for task_id, _, _ in cancelled}
         states = [
-            p.CANCELLED if i in done else found[i][0] if i in found else None for i in request.ids
+            p.CANCELLED if i in done else found[i]["state"] if i in found else None
+            for i in request.ids
         ]
         self._reply(envelope.identity, {"seq": request.seq, "states": states})
 

@@ -116,6 +116,10 @@ _REQUEUE = f"UPDATE tasks SET state = '{QUEUED}', error = ?, updated_at = ? WHER
 _FINISH = (
     "UPDATE tasks SET state = ?, result = ?, error = ?, updated_at = ? WHERE id = ? AND attempt = ?"
 )
+_CANCEL = (
+    f"UPDATE tasks SET state = '{CANCELLED}', error = ?, updated_at = ?"
+    f" WHERE id = ? AND state IN ('{QUEUED}', '{RUNNING}')"
+)
 _CHECKPOINT = (
     "UPDATE tasks SET checkpoint = ?, checkpoint_no = ?, updated_at = ?"
     " WHERE id = ? AND attempt = ? AND checkpoint_no < ?"
@@ -249,11 +253,7 @@ class Store:
 
     def cancel(self, rows: Sequence[tuple[int, int, str | None]], reason: str, now: float) -> None:
         """Queued or running tasks to `cancelled`, final: (task id, attempt, worker)."""
-        self.conn.executemany(
-            f"UPDATE tasks SET state = '{CANCELLED}', error = ?, updated_at = ?"
-            f" WHERE id = ? AND state IN ('{QUEUED}', '{RUNNING}')",
-            [(reason, now, i) for i, _a, _w in rows],
-        )
+        self.conn.executemany(_CANCEL, [(reason, now, i) for i, _a, _w in rows])
         self.conn.executemany(
             _INSERT_EVENT, [(i, now, CANCELLED, a, w, reason) for i, a, w in rows]
         )
@@ -308,23 +308,20 @@ class Store:
         ).fetchall()
 
     def views(self, ids: Sequence[int]) -> dict[int, Row]:
+        return self._by_id(VIEW_COLUMNS, ids)
+
+    def owners(self, ids: Sequence[int]) -> dict[int, Row]:
+        """State, attempt and submitter (`client`) of each task that exists."""
+        return self._by_id("id, state, attempt, client", ids)
+
+    def _by_id(self, columns: str, ids: Sequence[int]) -> dict[int, Row]:
+        """Rows of the tasks that exist among `ids`, by id; `columns` must include id."""
         found: dict[int, Row] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self._rows(f"SELECT {VIEW_COLUMNS} FROM tasks WHERE id IN ({marks})", chunk):
+            for row in self._rows(f"SELECT {columns} FROM tasks WHERE id IN ({marks})", chunk):
                 found[row["id"]] = row
-        return found
-
-    def owners(self, ids: Sequence[int]) -> dict[int, tuple[str, int, str | None]]:
-        """State, attempt and submitter (`client`) of each task that exists."""
-        found = {}
-        for task_id in ids:
-            row = self.conn.execute(
-                "SELECT state, attempt, client FROM tasks WHERE id = ?", (task_id,)
-            ).fetchone()
-            if row is not None:
-                found[task_id] = row
         return found
 
     def outcome(self, task_id: int) -> Row | None:
