@@ -220,9 +220,12 @@ def split_by_size(
     return chunks
 
 
-def first_message(items: Sequence[T], size: Callable[[T], int], limits: Limits) -> list[T]:
-    """The leading items that fit in one message, as split_by_size counts (at least one)."""
-    return list(items[: _message_end(items, 0, size, limits, None)])
+def first_message(
+    items: Sequence[T], size: Callable[[T], int], limits: Limits, *, reserved: int = 0
+) -> list[T]:
+    """The leading items that fit in one message, as split_by_size counts (at least one),
+    with `reserved` bytes of the budget kept for what else the message carries."""
+    return list(items[: _message_end(items, 0, size, limits, None, reserved)])
 
 
 def _message_end(
@@ -231,9 +234,10 @@ def _message_end(
     size: Callable[[T], int],
     limits: Limits,
     task_id: Callable[[T], int] | None,
+    reserved: int = 0,
 ) -> int:
     """Where the message that begins at `start` ends: past the last item that fits."""
-    budget = limits.max_message_bytes // 2
+    budget = limits.max_message_bytes // 2 - reserved
     end = min(len(items), start + limits.max_batch)
     used = 0
     ids: set[int] = set()
@@ -382,8 +386,11 @@ def _list(body: Mapping[str, Any], name: str, limits: Limits) -> list[Any]:
     return value
 
 
-def _held(body: Mapping[str, Any], limits: Limits) -> tuple[tuple[int, int], ...]:
-    pairs = _list(body, "held", limits) if "held" in body else []
+def _pairs(
+    body: Mapping[str, Any], limits: Limits, name: str = "held"
+) -> tuple[tuple[int, int], ...]:
+    """A list of [task id, attempt] pairs: `held` from a worker, `stale` from the broker."""
+    pairs = _list(body, name, limits) if body.get(name) is not None else []
     out = []
     for pair in pairs:
         if (
@@ -393,7 +400,7 @@ def _held(body: Mapping[str, Any], limits: Limits) -> tuple[tuple[int, int], ...
                 isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in pair
             )
         ):
-            raise ProtocolError(E_BAD_BODY, "held must be a list of [task id, attempt] pairs")
+            raise ProtocolError(E_BAD_BODY, f"{name} must be a list of [task id, attempt] pairs")
         out.append((pair[0], pair[1]))
     return tuple(out)
 
@@ -621,7 +628,7 @@ def decode_ready(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Re
         seq=_count(body, "seq"),
         capacity=capacity,
         tasks=names,
-        held=_held(body, limits),
+        held=_pairs(body, limits),
         pid=_optional(body, "pid", int, 0),
         host=_optional(body, "host", str, "")[:255],
         pool=_optional(body, "pool", str, "thread")[:32],
@@ -635,7 +642,7 @@ def decode_worker_heartbeat(
 ) -> WorkerHeartbeat:
     dseq = _count(body, "dseq") if body.get("dseq") is not None else 0
     draining = bool(_optional(body, "draining", bool, False))
-    return WorkerHeartbeat(dseq=dseq, held=_held(body, limits), draining=draining)
+    return WorkerHeartbeat(dseq=dseq, held=_pairs(body, limits), draining=draining)
 
 
 def _lease_of(item: dict[str, Any]) -> tuple[int, int] | None:
@@ -856,7 +863,7 @@ def announced_limits(announced: Any) -> dict[str, int]:
 
 def decode_broker_heartbeat(body: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
     """The `stale` pairs of a broker's HEARTBEAT: held attempts whose lease is gone."""
-    return _held({"held": body.get("stale") or []}, DEFAULT_LIMITS)
+    return _pairs(body, DEFAULT_LIMITS, "stale")
 
 
 def decode_ack(body: Mapping[str, Any]) -> Ack:

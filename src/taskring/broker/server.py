@@ -530,13 +530,11 @@ class Broker:
         # One more than a page can hold, so `more` is known without a second query.
         limit = self.limits.max_batch + 1
         rows = self.store.history(request.id, request.after, limit) if row else []
-        events = []
-        if rows:
-            # The view travels with every page (its result may be 1 MiB): the
-            # events get what is left of the budget.
-            budget = self.limits.max_message_bytes - 2 * _view_bytes(view)
-            limits = dataclasses.replace(self.limits, max_message_bytes=max(budget, 2))
-            events = p.first_message([dict(e) for e in rows], _event_bytes, limits)
+        # The view travels with every page (its result may be 1 MiB): the events
+        # get what is left of the budget.
+        events = p.first_message(
+            [dict(e) for e in rows], _event_bytes, self.limits, reserved=_view_bytes(view)
+        )
         self._reply(
             envelope.identity,
             {"seq": request.seq, "task": view, "events": events, "more": len(events) < len(rows)},
