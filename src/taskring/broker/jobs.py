@@ -77,9 +77,13 @@ class TaskQueue:
         self._jobs.append(job)
         self.cursor = job.id
 
+    def only_in_log(self, job_id: int) -> bool:
+        """True if this queued job is not in memory: refill will read it from SQLite."""
+        return self.spilled and job_id > self.cursor
+
     def add_back(self, job: Job) -> None:
         """A job returning from a worker: it goes first, it has waited longest."""
-        if self.spilled and job.id > self.cursor:
+        if self.only_in_log(job.id):
             return  # still unread in SQLite (a lease loaded at start): refill brings it once
         self._jobs.appendleft(job)
         # Every job in memory must be at or below the cursor, or a refill after the

@@ -65,8 +65,8 @@ class Placement:
 
     def forget(self, task_id: int) -> None:
         """A queued job left the queue in the log (cancelled): never place it."""
-        if not self.queue.spilled or task_id <= self.queue.cursor:
-            self._forgotten.add(task_id)  # above the cursor it is only in the log
+        if not self.queue.only_in_log(task_id):
+            self._forgotten.add(task_id)
         if len(self._forgotten) > max(1, self.parked_limit // 4):
             # Mostly jobs let go, which never come up to be skipped: a read of the
             # queue from the log, where they are cancelled, forgets them all.
