@@ -632,6 +632,46 @@ def test_history_takes_each_event_once_from_a_page_out_of_order(client, broker, 
     assert [e["n"] for e in events] == [5, 3, 6]
 
 
+def test_cancel_asks_in_batches_and_maps_each_id_to_its_state(client, broker, in_thread):
+    # Given 1,500 ids to cancel, one of them twice
+    ids = [*range(1, 1501), 7]
+    pending = in_thread(client.cancel, ids)
+    # When the broker answers each CANCEL (it never sees more than max_batch ids)
+    asked = []
+    while len(asked) < 1500:
+        identity, command, body = broker.recv()
+        assert command == protocol.CANCEL and len(body["ids"]) <= protocol.DEFAULT_LIMITS.max_batch
+        asked += body["ids"]
+        states = ["succeeded" if i == 2 else None if i == 3 else "cancelled" for i in body["ids"]]
+        broker.reply(identity, body["seq"], states=states)
+    # Then every id was asked once, and each has its state
+    result = pending.result(timeout=5)
+    assert asked == list(range(1, 1501))
+    assert (result[1], result[2], result[3], result[7]) == (
+        "cancelled",
+        "succeeded",
+        None,
+        "cancelled",
+    )
+    assert len(result) == 1500
+
+
+def test_cancel_refuses_a_reply_without_a_state_for_each_id(client, broker, in_thread):
+    pending = in_thread(client.cancel, [1, 2])
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], states=["cancelled"])
+    with pytest.raises(TaskringError, match="no state for each id"):
+        pending.result(timeout=5)
+
+
+def test_cancel_returns_a_state_this_client_does_not_know(client, broker, in_thread):
+    # A newer broker's final state is a final state all the same (protocol.md, Versioning)
+    pending = in_thread(client.cancel, [1])
+    identity, _, body = broker.recv()
+    broker.reply(identity, body["seq"], states=["archived"])
+    assert pending.result(timeout=5) == {1: "archived"}
+
+
 def test_history_asks_for_pages_until_the_broker_says_there_are_no_more(client, broker, in_thread):
     # Given a history the broker answers in two pages
     pending = in_thread(client.history, 7)
