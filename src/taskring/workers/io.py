@@ -69,7 +69,7 @@ class IOLoop:
         self.settings = settings
         self.name = name
         self.limits = limits
-        self._send_limits = limits  # the broker's, where smaller, once it WELCOMEs us
+        self._use_limits(limits)  # the broker's, where smaller, once it WELCOMEs us
         self._context = context
         self._tasks = dict(tasks)  # name -> default max_attempts, as READY announces them
         self._submit = submit
@@ -340,7 +340,7 @@ class IOLoop:
         self._dseq = welcome.dseq
         limits = _smaller(self.limits, welcome.limits)
         if limits != self._send_limits:
-            self._send_limits = limits
+            self._use_limits(limits)
             self._resend_on_welcome = False  # all of it goes below, cut anew
             self._cut_again(now)
         self._heartbeat_s = welcome.heartbeat_s
@@ -446,15 +446,17 @@ class IOLoop:
 
     def _cut_checkpoints(self, checkpoints: list[CheckpointRequest], now: float) -> None:
         """CHECKPOINTs within the limits; a state too large for any is refused at once."""
-        fits = []
-        for request in checkpoints:
-            size = _checkpoint_bytes(request)
-            if size > self._single_item_bytes():
-                request.waiter.fail(RequestRejected(protocol.E_TOO_LARGE, self._too_large(size)))
-            else:
-                fits.append(request)
+        if (room := self._item_room) is not None:
+            fits = []
+            for request in checkpoints:
+                if (size := _checkpoint_bytes(request)) <= room:
+                    fits.append(request)
+                else:
+                    error = RequestRejected(protocol.E_TOO_LARGE, self._too_large(size))
+                    request.waiter.fail(error)
+            checkpoints = fits
         for batch in protocol.split_by_size(
-            fits, _checkpoint_bytes, self._send_limits, task_id=attrgetter("task_id")
+            checkpoints, _checkpoint_bytes, self._send_limits, task_id=attrgetter("task_id")
         ):
             self._send_checkpoints(batch, now)
 
@@ -475,10 +477,16 @@ class IOLoop:
         if self._finished:
             self._send_results(now)
 
-    def _single_item_bytes(self) -> int:
-        # What one item may take: the message limit less room for the envelope.
-        limit = self._send_limits.max_message_bytes
-        return limit - min(1024, limit // 4)
+    def _use_limits(self, limits: protocol.Limits) -> None:
+        """Cut messages to these limits from now on."""
+        self._send_limits = limits
+        # What one item may take: the message limit less room for the envelope. None
+        # when the largest result or state this worker lets a task make fits anyway,
+        # as with the defaults: then no item needs weighing on its own.
+        room = limits.max_message_bytes - min(1024, limits.max_message_bytes // 4)
+        own = self.limits
+        largest = max(own.max_result_bytes + 4 * own.max_error_len, own.max_checkpoint_bytes)
+        self._item_room = room if room < largest + 64 else None
 
     def _too_large(self, size: int) -> str:
         limit = self._send_limits.max_message_bytes
@@ -502,19 +510,19 @@ class IOLoop:
 
         A result too large for any message is sent as the failure it is.
         """
-        outcomes = [
-            o
-            if _outcome_bytes(o) <= self._single_item_bytes()
-            else TaskOutcome(
-                o.id,
-                o.attempt,
-                False,
-                None,
-                "result: " + self._too_large(len(o.value or b"")),
-                False,
-            )
-            for o in self._finished
-        ]
+        outcomes = self._finished
+        if (room := self._item_room) is not None:
+            outcomes = [
+                o
+                if _outcome_bytes(o) <= room
+                else o._replace(
+                    ok=False,
+                    value=None,
+                    error="result: " + self._too_large(len(o.value or b"")),
+                    retry=False,
+                )
+                for o in outcomes
+            ]
         for batch in protocol.split_by_size(
             outcomes, _outcome_bytes, self._send_limits, task_id=attrgetter("id")
         ):

@@ -131,7 +131,8 @@ def child_main(conn: Connection, modules: tuple[str, ...]) -> None:
     # A task may checkpoint from one thread and poll ctx.lease_lost from another:
     # each question and its answer hold the pipe, or the answers cross.
     pipe = threading.Lock()
-    asked: dict[tuple[int, int], float] = {}  # (id, attempt) -> when the relay said not stale
+    # The last "not stale" answer: ((id, attempt), when). One task runs at a time.
+    last_no: tuple[tuple[int, int], float] = ((-1, -1), -math.inf)
 
     def checkpoint(task_id: int, attempt: int, number: int, state: bytes) -> bool:
         with pipe:
@@ -146,15 +147,16 @@ def child_main(conn: Connection, modules: tuple[str, ...]) -> None:
     def is_stale(task_id: int, attempt: int) -> bool:
         # The news comes with a broker heartbeat: asking the relay more often
         # than this would only keep the worker process busy for a tight poll.
+        nonlocal last_no
         key = (task_id, attempt)
-        if time.monotonic() - asked.get(key, -math.inf) < STALE_POLL_S:
+        if last_no[0] == key and time.monotonic() - last_no[1] < STALE_POLL_S:
             return False
         with pipe:
             _send(conn, ["stale?", task_id, attempt])
             reply = _recv(conn)
         stale = reply[0] == "stale" and bool(reply[1])
-        asked.clear()  # one task at a time: only its own answer is worth keeping
-        asked[key] = time.monotonic()
+        if not stale:
+            last_no = (key, time.monotonic())
         return stale
 
     while True:
