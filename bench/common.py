@@ -215,13 +215,15 @@ class Taskring:
         return self.broker
 
     def start_workers(
-        self, count: int, concurrency: int, prefetch: int = 0
+        self, count: int, concurrency: int, prefetch: int | None = None
     ) -> list[subprocess.Popen[bytes]]:
+        """`prefetch` None: the worker's default."""
         for _ in range(count):
             name = f"bench-worker-{len(self.workers) + 1}"
             argv = [*self.launcher, "worker", "bench_tasks", "--endpoint", self.endpoint]
-            argv += ["--name", name]
-            argv += ["--concurrency", str(concurrency), "--prefetch", str(prefetch)]
+            argv += ["--name", name, "--concurrency", str(concurrency)]
+            if prefetch is not None:
+                argv += ["--prefetch", str(prefetch)]
             argv += ["--log-level", "warning"]
             self.workers.append(self.children.start(name, argv))
         return self.workers

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--prefetch", type=int, default=0)
+    parser.add_argument("--prefetch", type=int, default=None, help="default: the worker's")
     parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true")
@@ -56,7 +56,7 @@ def main() -> None:
     print(
         f"{args.tasks:,} tasks in {elapsed:.2f} s: {args.tasks / elapsed:,.0f} tasks/s "
         f"(--synchronous {args.synchronous}, {args.workers} workers x {args.concurrency}, "
-        f"prefetch {args.prefetch})"
+        f"prefetch {'the default' if args.prefetch is None else args.prefetch})"
     )
     spent["all"] = sum(spent.values())
     for name, seconds in spent.items():

@@ -25,6 +25,8 @@ from common import NOOP, BenchError, Children, Taskring, median, start_echo
 from references import RESULT_TIMEOUT_S, References, dramatiq_workers, huey_consumer, wait_huey
 from report import Goal, base_parser, header, runs, show_goals, table, taskring_durability, workdir
 
+from taskring.workers import WorkerSettings
+
 GOAL_RATE = 12_500  # tasks/s
 GOAL_VS_DRAMATIQ = 10.0
 GOAL_VS_HUEY = 13.0
@@ -46,8 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--prefetch",
         type=int,
-        default=0,
-        help="taskring tasks each worker holds beyond those running (default 0)",
+        default=None,
+        help="taskring tasks each worker holds beyond those running (default: the worker's "
+        "default, as many as --concurrency)",
     )
     parser.add_argument(
         "--dramatiq-threads", type=int, default=8, help="threads per Dramatiq process (default 8)"
@@ -55,7 +58,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", default="taskring,zmq,huey,dramatiq", help="systems to run, comma-separated"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.prefetch is None:  # shown in the report, so it is the worker's default spelled out
+        args.prefetch = WorkerSettings(concurrency=args.concurrency).prefetch
+    return args
 
 
 def run_taskring(work: Path, args: argparse.Namespace, rep: int) -> float:

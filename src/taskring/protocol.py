@@ -560,6 +560,7 @@ def decode_history(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> 
 class Ready:
     seq: int
     capacity: int
+    concurrency: int  # of `capacity`, how many it runs at once; the rest wait in the worker
     tasks: dict[str, int]  # registered task name -> its default max_attempts
     held: tuple[tuple[int, int], ...]  # (task id, attempt) it still runs or must report
     pid: int
@@ -614,6 +615,9 @@ def decode_ready(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Re
     # held lists travel in one READY or HEARTBEAT, so capacity is bounded like a batch.
     if not 1 <= capacity <= limits.max_batch:
         raise ProtocolError(E_BAD_BODY, f"capacity must be 1..{limits.max_batch}")
+    concurrency = _count(body, "concurrency") if body.get("concurrency") is not None else capacity
+    if not 1 <= concurrency <= capacity:
+        raise ProtocolError(E_BAD_BODY, f"concurrency must be 1..capacity ({capacity})")
     names = _field(body, "tasks", dict)
     if len(names) > 10_000 or not all(
         isinstance(n, str)
@@ -627,6 +631,7 @@ def decode_ready(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Re
     return Ready(
         seq=_count(body, "seq"),
         capacity=capacity,
+        concurrency=concurrency,
         tasks=names,
         held=_pairs(body, limits),
         pid=_optional(body, "pid", int, 0),

@@ -502,11 +502,14 @@ def test_a_poison_task_that_kills_whole_workers_is_dead_lettered(cluster: Cluste
         wait_for(supervise, 40, "every task to finish", interval_s=0.1)
         done = client.wait([poison.id, *others], timeout=5)
 
-    # Then the poison task is dead after its three attempts, the others all succeeded
+    # Then the poison task is dead after its three counted attempts, the others all
+    # succeeded. A lease granted while the poison waited behind running tasks is spared
+    # (the worker likely died of something else), at most three times: 3 to 6 leases,
+    # each of which ran it and killed its worker
     assert done[poison.id].state == "dead"
-    assert done[poison.id].attempt == 3
+    assert 3 <= done[poison.id].attempt <= 6
     error = done[poison.id].error or ""
     assert "worker w" in error and "gave up after 3 of 3 attempts" in error, error
     assert [done[i].state for i in others] == ["succeeded"] * len(others)
-    assert len(set(lines(deaths))) == 3
+    assert len(set(lines(deaths))) == done[poison.id].attempt
     assert sum(restarts.values()) >= 2  # the third death may come after the last check

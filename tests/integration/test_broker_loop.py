@@ -129,13 +129,14 @@ def worker(
     capacity: int = 2,
     held: list[list[int]] | None = None,
     tasks: tuple[str, ...] = ("t.add",),
+    concurrency: int | None = None,
 ) -> Peer:
     w = Peer(ctx, broker.endpoint, name, p.PROTOCOL_WORKER)
     names = dict.fromkeys(tasks, 3)
-    w.request(
-        p.READY,
-        {"capacity": capacity, "tasks": names, "held": held or [], "pid": 1, "host": "h"},
-    )
+    body = {"capacity": capacity, "tasks": names, "held": held or [], "pid": 1, "host": "h"}
+    if concurrency is not None:
+        body["concurrency"] = concurrency
+    w.request(p.READY, body)
     w.expect(broker, now, p.WELCOME)
     return w
 
@@ -505,6 +506,37 @@ def test_task_is_dead_lettered_when_attempts_run_out(broker, ctx):
     assert state == "dead" and "2 of 2 attempts" in error
 
 
+def test_a_dead_worker_costs_no_attempt_to_the_tasks_waiting_behind_its_running_ones(broker, ctx):
+    # Given a worker that runs one task at a time and holds three, and three tasks
+    # that each allow a single attempt, all leased to it
+    c = client(ctx, broker)
+    w1 = worker(ctx, broker, 0.0, b"w1", capacity=3, concurrency=1)
+    ids = submit(c, broker, 0.0, [task(max_attempts=1) for _ in range(3)])
+    sent = w1.expect(broker, 0.0, p.TASK)["tasks"]
+    assert [(t["id"], t["attempt"]) for t in sent] == [(i, 1) for i in ids]
+    # When the worker dies
+    later = HEARTBEAT_S * LIVENESS + 0.5
+    broker.poll_once(now=later, timeout_s=0)
+    # Then the task it ran used up its attempt, and the two waiting behind it did not
+    rows = db_rows(broker, "SELECT state, spared, error FROM tasks ORDER BY id")
+    assert [(state, spared) for state, spared, _ in rows] == [
+        ("dead", 0),
+        ("queued", 1),
+        ("queued", 1),
+    ]
+    assert "gave up after 1 of 1 attempts" in rows[0][2]
+    assert all("not counted against max_attempts" in error for _, _, error in rows[1:])
+    # And another worker runs them as their second lease, their first counted attempt
+    w2 = worker(ctx, broker, later, b"w2", capacity=2)
+    sent = w2.expect(broker, later, p.TASK)["tasks"]
+    assert sorted((t["id"], t["attempt"]) for t in sent) == [(i, 2) for i in ids[1:]]
+    for t in sent:
+        result(w2, t["id"], t["attempt"])
+        w2.expect(broker, later, p.ACK)
+    states = db_rows(broker, "SELECT state FROM tasks ORDER BY id")
+    assert states == [("dead",), ("succeeded",), ("succeeded",)]
+
+
 def checkpoints(task_id: int, attempt: int, *numbered: tuple[int, Any]) -> dict[str, Any]:
     """A CHECKPOINT body (without seq) of one task: (number, state) pairs."""
     items = [
@@ -764,14 +796,23 @@ def test_keyed_tasks_wait_for_their_owner(broker, ctx):
     assert [t["id"] for t in w1.expect(broker, 0.0, p.TASK)["tasks"]] == ids[1:2]
 
 
-def test_lease_lost_in_transit_is_requeued(broker, ctx):
+def test_lease_lost_in_transit_is_requeued_and_spared_at_most_max_attempts_times(broker, ctx):
+    # Given a task of one attempt, leased
     w = worker(ctx, broker, 0.0, capacity=1)
-    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task()])
+    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task(max_attempts=1)])
     dseq = w.expect(broker, 0.0, p.TASK)["dseq"]
-    # The worker says it saw TASK dseq but does not hold the task
+    # When the worker says it saw TASK dseq but does not hold the task
     w.send(p.HEARTBEAT, {"dseq": dseq, "held": []})
-    got = w.expect(broker, 0.0, p.TASK)["tasks"][0]
-    assert (got["id"], got["attempt"]) == (task_id, 2)
+    # Then the task comes again: the worker never had it, so no attempt was used
+    got = w.expect(broker, 0.0, p.TASK)
+    assert (got["tasks"][0]["id"], got["tasks"][0]["attempt"]) == (task_id, 2)
+    # When that lease is lost in transit too
+    w.send(p.HEARTBEAT, {"dseq": got["dseq"], "held": []})
+    broker.poll_once(now=0.0, timeout_s=0.05)
+    # Then it is dead-lettered: a task is spared at most max_attempts times
+    state, spared, error = db_rows(broker, "SELECT state, spared, error FROM tasks")[0]
+    assert (state, spared) == ("dead", 1)
+    assert "gave up after 1 of 1 attempts" in error
 
 
 def test_restart_readopts_leases_the_worker_still_holds(tmp_path, ctx, synchronous):

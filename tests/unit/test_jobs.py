@@ -16,7 +16,7 @@ class Log:
 
 
 def job(task_id: int) -> Job:
-    return Job(task_id, "t.add", b"\x92\x90\x80", None, 0, 3, None, 0, 0.0)
+    return Job(task_id, "t.add", b"\x92\x90\x80", None, 0, 3, None, 0, 0.0, 0)
 
 
 def drain(queue: TaskQueue) -> list[int]:

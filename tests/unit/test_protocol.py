@@ -51,6 +51,7 @@ def ready_body() -> dict[str, Any]:
     return {
         "seq": 1,
         "capacity": 4,
+        "concurrency": 2,
         "tasks": {"shop.resize": 3, "shop.crop": 1},
         "held": [[42, 2]],
         "pid": 4242,
@@ -228,6 +229,7 @@ def test_ready_round_trip_and_defaults() -> None:
     assert ready == p.Ready(
         seq=1,
         capacity=4,
+        concurrency=2,
         tasks={"shop.resize": 3, "shop.crop": 1},
         held=((42, 2),),
         pid=4242,
@@ -237,8 +239,10 @@ def test_ready_round_trip_and_defaults() -> None:
         dseq=6,
     )
     # Given a READY with only the required fields, Then the optional ones get defaults:
-    # no incarnation (a new process to the broker) and no TASK received
-    bare = p.decode_ready({"seq": 2, "capacity": 1, "tasks": {}})
+    # no incarnation (a new process to the broker), no TASK received, and it runs
+    # every task it holds at once
+    bare = p.decode_ready({"seq": 2, "capacity": 3, "tasks": {}})
+    assert bare.concurrency == 3
     assert (bare.held, bare.pid, bare.host, bare.pool) == ((), 0, "", "thread")
     assert (bare.incarnation, bare.dseq) == ("", 0)
     # And nil means the default as well
@@ -262,6 +266,14 @@ def test_ready_capacity_is_bounded_by_max_batch() -> None:
         p.decode_ready({**ready_body(), "capacity": 3}, limits)
     # And the default bound is the default max_batch
     assert p.decode_ready({**ready_body(), "capacity": 1000}).capacity == 1000
+
+
+@pytest.mark.parametrize("concurrency", [0, 5, -1, "2", 1.5])
+def test_ready_concurrency_is_within_capacity(concurrency: object) -> None:
+    # Given a READY of capacity 4, When it says it runs none, more than it holds, or not a
+    # count, Then it is a bad body
+    with rejected(p.E_BAD_BODY, "concurrency"):
+        p.decode_ready({**ready_body(), "capacity": 4, "concurrency": concurrency})
 
 
 def test_worker_heartbeat_round_trip_and_defaults() -> None:

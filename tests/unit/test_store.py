@@ -34,9 +34,38 @@ def test_new_log_is_wal_owner_only_and_migrated_once(tmp_path):
     assert again.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
     assert again.syncer is not None
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    applied = again.conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0]
-    assert applied == 1
+    applied = again.conn.execute("SELECT name FROM _sqlite_migrations").fetchall()
+    assert [name for (name,) in applied] == ["m001_tasks_and_events", "m002_spared_attempts"]
     again.close()
+
+
+def test_a_log_from_before_spared_attempts_is_migrated_and_keeps_its_tasks(tmp_path):
+    # Given a log with a queued task, migrated only up to m001
+    path = tmp_path / "t.db"
+    store = Store(path)
+    task_id = add_task(store)
+    store.conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm002_spared_attempts'")
+    store.conn.execute("ALTER TABLE tasks DROP COLUMN spared")
+    store.close()
+    # When a broker opens it
+    again = Store(path)
+    # Then its task is still queued, with no attempt spared
+    (job,) = again.queued(0, 10)
+    assert (job[0], job[-1]) == (task_id, 0)
+    again.close()
+
+
+def test_a_spared_requeue_is_counted_in_the_log(store):
+    # Given a leased task, When it is queued again twice, once spared
+    task_id = add_task(store)
+    with store.turn():
+        store.lease([(task_id, 1, "w1")], 2.0)
+        store.requeue(task_id, 1, "w1", "worker lost", 3.0, spared=True)
+        store.lease([(task_id, 2, "w1")], 4.0)
+        store.requeue(task_id, 2, "w1", "worker lost", 5.0)
+    # Then the job read back has attempt 2, one of them spared
+    (job,) = [Job(*row) for row in store.queued(0, 10)]
+    assert (job.attempt, job.spared) == (2, 1)
 
 
 def test_full_commits_are_numbered_and_become_durable_through_an_fsync_of_the_wal(

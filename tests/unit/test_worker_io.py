@@ -52,13 +52,13 @@ def start(broker: FakeBroker) -> Iterator[Start]:
 def test_ready_carries_capacity_tasks_and_held_and_is_resent_until_welcome(
     broker: FakeBroker, start: Start
 ) -> None:
-    # Given a worker with three slots
+    # Given a worker with three slots, and by default as many tasks waiting to start
     w = start(concurrency=3)
     # When the broker does not answer its READY
     first = broker.recv(protocol.READY)
     second = broker.recv(protocol.READY)
     # Then it announces itself, and says it again
-    assert first["capacity"] == 3
+    assert (first["capacity"], first["concurrency"]) == (6, 3)
     assert first["tasks"]["wt.add"] == 3  # the task's default max_attempts
     assert first["held"] == []
     assert (first["pid"], first["pool"]) == (os.getpid(), "thread")
@@ -115,7 +115,8 @@ def test_a_result_is_resent_with_the_same_seq_until_acked(broker: FakeBroker, st
 
 
 def test_the_worker_never_holds_more_than_its_capacity(broker: FakeBroker, start: Start) -> None:
-    start(concurrency=2)
+    # Given a worker that holds two tasks, both running
+    start(concurrency=2, prefetch=0)
     broker.register()
     # When the broker oversteps the credit with a third task
     broker.dispatch(*(assignment(i, "wt.wait", "cap") for i in (1, 2, 3)))

@@ -116,7 +116,13 @@ def test_settings_are_checked() -> None:
         WorkerSettings(concurrency=10, prefetch=991)
     with pytest.raises(WorkerConfigError, match="prefetch"):
         WorkerSettings(prefetch=-1)
-    assert WorkerSettings(concurrency=8, prefetch=8).capacity == 16
+    assert WorkerSettings(concurrency=8, prefetch=0).capacity == 8
+
+
+@pytest.mark.parametrize(("concurrency", "prefetch"), [(1, 1), (8, 8), (500, 500), (600, 400)])
+def test_prefetch_defaults_to_concurrency_within_1000_held(concurrency: int, prefetch: int) -> None:
+    settings = WorkerSettings(concurrency=concurrency)
+    assert (settings.prefetch, settings.capacity) == (prefetch, concurrency + prefetch)
     assert WorkerSettings(name="w1").worker_name() == "w1"
     assert WorkerSettings().worker_name().endswith(f"-{__import__('os').getpid()}")
 

@@ -12,6 +12,7 @@ class WorkerState:
     name: str
     identity: bytes
     capacity: int
+    concurrency: int  # of its capacity, how many it runs at once
     tasks: dict[str, int]  # registered names -> default max_attempts
     host: str
     pid: int
@@ -43,10 +44,14 @@ class WorkerState:
     draining: bool = False  # stopping: finishes what it holds, gets nothing new
 
     @property
+    def held(self) -> int:
+        return len(self.leases) + len(self.foreign)
+
+    @property
     def credit(self) -> int:
         if self.draining:
             return 0
-        return self.capacity - len(self.leases) - len(self.foreign)
+        return self.capacity - self.held
 
     def update_foreign(self, held: set[tuple[int, int]], dseq: int) -> None:
         """From a READY's or HEARTBEAT's `held` and `dseq`, once the leases it claims are

@@ -414,7 +414,7 @@ class Broker:
                 )
             )
             jobs.append(
-                Job(task_id, new.name, new.payload, new.key, 0, max_attempts, None, 0, wall)
+                Job(task_id, new.name, new.payload, new.key, 0, max_attempts, None, 0, wall, 0)
             )
             if new.idempotency_key is not None:
                 by_key[new.idempotency_key] = task_id
@@ -608,6 +608,7 @@ class Broker:
             name=name,
             identity=envelope.identity,
             capacity=request.capacity,
+            concurrency=request.concurrency,
             tasks=dict(request.tasks),
             host=request.host,
             pid=request.pid,
@@ -672,7 +673,7 @@ class Broker:
             # The worker has seen the TASK that carried this lease, yet does
             # not hold it: the message was lost in a reconnect.
             if 0 < lease.dseq <= beat.dseq and (lease.job.id, lease.job.attempt) not in held:
-                self._lease_lost(lease, "lease lost in transit", wall)
+                self._lease_lost(lease, "lease lost in transit", wall, unseen=True)
         worker.update_foreign(held, beat.dseq)
 
     def _on_result(self, envelope: p.Envelope, now: float, wall: float) -> None:
@@ -806,22 +807,34 @@ class Broker:
         if worker is not None:
             worker.leases.pop(task_id, None)
 
-    def _lease_lost(self, lease: Lease, reason: str, wall: float) -> None:
-        """The attempt ended without a result."""
+    def _lease_lost(self, lease: Lease, reason: str, wall: float, *, unseen: bool = False) -> None:
+        """The attempt ended without a result; `unseen`: its worker never had the task."""
         self._end_lease(lease)
-        self._retry(lease, reason, wall)
+        self._retry(lease, reason, wall, spare=unseen or lease.behind)
 
-    def _retry(self, lease: Lease, reason: str, wall: float) -> None:
-        """Queue the job again, or dead-letter it once its attempts are used up."""
+    def _retry(self, lease: Lease, reason: str, wall: float, *, spare: bool = False) -> None:
+        """Queue the job again, or dead-letter it once its attempts are used up.
+
+        `spare`: the attempt likely never started (its task waited behind others
+        on a worker that died), so it does not count against max_attempts. A
+        worker can die while such a task runs, so a task is spared at most
+        max_attempts times: one that kills every worker it runs on is still
+        dead-lettered, after at most twice its attempts.
+        """
         job = lease.job
-        if job.attempt >= job.max_attempts:
-            error = f"{reason}; gave up after {job.attempt} of {job.max_attempts} attempts"
+        spare = spare and job.spared < job.max_attempts
+        if spare:
+            job.spared += 1
+            reason += "; not counted against max_attempts: it waited behind other tasks"
+        if job.attempt - job.spared >= job.max_attempts:
+            counted = job.attempt - job.spared
+            error = f"{reason}; gave up after {counted} of {job.max_attempts} attempts"
             self._move(p.RUNNING, p.DEAD)
             self.store.finish(job.id, job.attempt, lease.worker, p.DEAD, None, error, wall)
             self._announce(job, p.DEAD, None, error, lease.worker, wall)
         else:
             self._move(p.RUNNING, p.QUEUED)
-            self.store.requeue(job.id, job.attempt, lease.worker, reason, wall)
+            self.store.requeue(job.id, job.attempt, lease.worker, reason, wall, spared=spare)
             self.placement.requeue(job)
 
     def _announce(
@@ -891,7 +904,7 @@ class Broker:
 
     def _grant(self, job: Job, worker: WorkerState, batches: dict[str, list[Lease]]) -> None:
         job.attempt += 1
-        lease = Lease(job, worker.name, dseq=0)
+        lease = Lease(job, worker.name, dseq=0, behind=worker.held >= worker.concurrency)
         self.leases[job.id] = lease
         worker.leases[job.id] = lease
         self._new_leases.append((job.id, job.attempt, worker.name))

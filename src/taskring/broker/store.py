@@ -95,8 +95,17 @@ def m001_tasks_and_events(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m002_spared_attempts(db: sqlite_utils.Database) -> None:
+    # Leases lost with a worker while their task waited there behind others (its
+    # prefetch): counted in `attempt`, the fencing token, but not against max_attempts.
+    db.execute("ALTER TABLE tasks ADD COLUMN spared INTEGER NOT NULL DEFAULT 0")
+
+
 # In the order of broker.jobs.Job's fields.
-JOB_COLUMNS = "id, name, payload, key, attempt, max_attempts, checkpoint, checkpoint_no, created_at"
+JOB_COLUMNS = (
+    "id, name, payload, key, attempt, max_attempts, checkpoint, checkpoint_no, created_at, spared"
+)
 VIEW_COLUMNS = (
     "id, name, state, key, attempt, max_attempts, worker, result, error, created_at, updated_at"
 )
@@ -112,7 +121,10 @@ _INSERT_EVENT = (
 _LEASE = (
     f"UPDATE tasks SET state = '{RUNNING}', attempt = ?, worker = ?, updated_at = ? WHERE id = ?"
 )
-_REQUEUE = f"UPDATE tasks SET state = '{QUEUED}', error = ?, updated_at = ? WHERE id = ?"
+_REQUEUE = (
+    f"UPDATE tasks SET state = '{QUEUED}', error = ?, updated_at = ?, spared = spared + ?"
+    " WHERE id = ?"
+)
 _FINISH = (
     "UPDATE tasks SET state = ?, result = ?, error = ?, updated_at = ? WHERE id = ? AND attempt = ?"
 )
@@ -223,9 +235,17 @@ class Store:
         self.conn.executemany(_INSERT_EVENT, [(i, now, "leased", a, w, None) for i, a, w in leases])
 
     def requeue(
-        self, task_id: int, attempt: int, worker: str | None, reason: str, now: float
+        self,
+        task_id: int,
+        attempt: int,
+        worker: str | None,
+        reason: str,
+        now: float,
+        *,
+        spared: bool = False,
     ) -> None:
-        self.conn.execute(_REQUEUE, (reason, now, task_id))
+        """Queued again; `spared`: this attempt does not count against max_attempts."""
+        self.conn.execute(_REQUEUE, (reason, now, int(spared), task_id))
         self.conn.execute(_INSERT_EVENT, (task_id, now, "retried", attempt, worker, reason))
 
     def finish(

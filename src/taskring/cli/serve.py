@@ -131,13 +131,15 @@ def worker(
         int, typer.Option("--concurrency", "-c", min=1, help="Tasks run at once.")
     ] = 4,
     prefetch: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
             help="Tasks held waiting beyond those running, so a free slot need not wait "
-            "for the broker. A worker that dies costs them an attempt too.",
+            "for the broker; 0 for long tasks, which then go to whichever worker frees "
+            "a slot first. [default: as many as --concurrency]",
+            show_default=False,
         ),
-    ] = 0,
+    ] = None,
     pool: Annotated[
         Pool, typer.Option(help="thread, or process for tasks that hold the GIL.")
     ] = Pool.thread,

@@ -269,6 +269,7 @@ class IOLoop:
         body = {
             "seq": seq,
             "capacity": self.settings.capacity,
+            "concurrency": self.settings.concurrency,
             "tasks": self._tasks,
             "held": self._held_list(),
             "pid": os.getpid(),

@@ -25,9 +25,10 @@ class WorkerSettings:
     concurrency: int = 4
     # Tasks held beyond those running, queued in this process: the next task is
     # here when a slot frees, instead of a broker round trip (and, with full
-    # durability, a WAL sync) later. The cost: if this worker dies, the tasks
-    # it held but never started lose an attempt too, like the running ones.
-    prefetch: int = 0
+    # durability, a WAL sync) later. None: as many as `concurrency` (within the
+    # limit of 1000 held). The broker does not count an attempt that was lost
+    # with this worker while its task waited here (broker/server.py, _grant).
+    prefetch: int | None = None
     pool: Literal["thread", "process"] = "thread"
     name: str | None = None  # the ZeroMQ identity and ring key; default f"{host}-{pid}"
     heartbeat_s: float = 1.0
@@ -45,7 +46,12 @@ class WorkerSettings:
         # At most max_batch: every held lease must fit in one READY or HEARTBEAT.
         if not 1 <= self.concurrency <= 1000:
             raise WorkerConfigError(f"concurrency must be 1..1000, not {self.concurrency}")
-        if not 0 <= self.prefetch <= 1000 - self.concurrency:
+        prefetch = self.prefetch
+        if prefetch is None:
+            prefetch = min(self.concurrency, 1000 - self.concurrency)
+            # Frozen: __post_init__ is the one place a default can depend on another field.
+            object.__setattr__(self, "prefetch", prefetch)
+        if not 0 <= prefetch <= 1000 - self.concurrency:
             raise WorkerConfigError(
                 f"prefetch must be 0..{1000 - self.concurrency} (concurrency + prefetch "
                 f"at most 1000), not {self.prefetch}"
@@ -65,6 +71,7 @@ class WorkerSettings:
     @property
     def capacity(self) -> int:
         """Tasks this worker holds at most, as READY announces it: running plus prefetched."""
+        assert self.prefetch is not None  # set in __post_init__
         return self.concurrency + self.prefetch
 
     def worker_name(self) -> str:
