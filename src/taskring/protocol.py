@@ -584,6 +584,7 @@ class TaskOutcome(NamedTuple):
     value: bytes | None  # msgpack of the return value when ok
     error: str | None
     retry: bool  # False for errors that another attempt cannot fix
+    started: bool = True  # False: handed back unrun (a stopping worker's waiting task)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -671,6 +672,7 @@ def _outcome(item: Any, limits: Limits) -> TaskOutcome:
             and (value is None or (type(value) is bytes and len(value) <= limits.max_result_bytes))
             and (error is None or (type(error) is str and len(error) <= limits.max_error_len))
             and (retry is None or type(retry) is bool)
+            and "started" not in item
         ):
             return TaskOutcome(*lease, ok, value, error, retry is not False)
     return _checked_outcome(item, limits)
@@ -688,6 +690,7 @@ def _checked_outcome(item: Any, limits: Limits) -> TaskOutcome:
         value=_blob(item, "value", limits.max_result_bytes, "max_result_bytes"),
         error=error[: limits.max_error_len] if error is not None else None,
         retry=bool(_optional(item, "retry", bool, True)),
+        started=bool(_optional(item, "started", bool, True)),
     )
 
 

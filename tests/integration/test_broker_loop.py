@@ -796,6 +796,27 @@ def test_keyed_tasks_wait_for_their_owner(broker, ctx):
     assert [t["id"] for t in w1.expect(broker, 0.0, p.TASK)["tasks"]] == ids[1:2]
 
 
+def test_a_task_its_worker_hands_back_unstarted_keeps_its_attempts(broker, ctx):
+    # Given a task of one attempt, leased
+    w = worker(ctx, broker, 0.0, capacity=1)
+    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task(max_attempts=1)])
+    w.expect(broker, 0.0, p.TASK)
+    # When the worker hands it back, never started
+    item = {"id": task_id, "attempt": 1, "ok": False, "error": "stopping", "started": False}
+    w.request(p.RESULT, {"results": [item]})
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == []
+    # Then it is queued again, not dead, and leased again at once
+    got = w.expect(broker, 0.0, p.TASK)["tasks"][0]
+    assert (got["id"], got["attempt"]) == (task_id, 2)
+    assert db_rows(broker, "SELECT state, spared FROM tasks") == [("running", 1)]
+    (detail,) = db_rows(broker, "SELECT detail FROM events WHERE kind = 'retried'")
+    assert detail == ("stopping; not counted against max_attempts: it had not started",)
+    # And a failure of that attempt, which started, uses up its one counted attempt
+    result(w, task_id, 2, ok=False)
+    w.expect(broker, 0.0, p.ACK)
+    assert db_rows(broker, "SELECT state FROM tasks") == [("dead",)]
+
+
 def test_lease_lost_in_transit_is_requeued_and_spared_at_most_max_attempts_times(broker, ctx):
     # Given a task of one attempt, leased
     w = worker(ctx, broker, 0.0, capacity=1)

@@ -304,6 +304,16 @@ def test_result_retry_defaults_to_true_and_long_errors_are_cut() -> None:
     # Then retry is true and the error is cut, not rejected
     assert outcome.retry is True
     assert outcome.error == "x" * 10
+    # And the attempt counts as started
+    assert outcome.started is True
+
+
+def test_a_result_says_when_its_attempt_never_started() -> None:
+    item = {"id": 1, "attempt": 1, "ok": False, "error": "stopping", "started": False}
+    (outcome,) = p.decode_result({"seq": 1, "results": [item]}).results
+    assert (outcome.retry, outcome.started) == (True, False)
+    with rejected(p.E_BAD_BODY, "started"):
+        p.decode_result({"seq": 1, "results": [{**item, "started": "no"}]})
 
 
 def test_checkpoint_round_trip() -> None:

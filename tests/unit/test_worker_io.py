@@ -271,6 +271,32 @@ def test_disconnect_from_the_broker_gets_a_new_ready(broker: FakeBroker, start: 
     assert protocol.unpack(results[5]["value"]) == "disc"
 
 
+def test_a_stopping_worker_hands_back_the_tasks_waiting_for_a_slot(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a worker that runs one task and holds two more waiting behind it
+    w = start(concurrency=1, prefetch=2)
+    broker.register()
+    broker.dispatch(*(assignment(i, "wt.wait", "handback") for i in (1, 2, 3)))
+    assert broker.last_held(after=time.monotonic()) == [[1, 1], [2, 1], [3, 1]]
+    # When asked to stop
+    w.worker.stop()
+    # Then the two waiting ones go back at once, unstarted, so no attempt is used
+    seq, results = broker.result()
+    assert sorted(results) == [2, 3]
+    for outcome in results.values():
+        assert (outcome["ok"], outcome["retry"], outcome["started"]) == (False, True, False)
+        assert "stopped before it started the task" in outcome["error"]
+    broker.ack(seq)
+    # And the running one finishes, its result flushed before the worker leaves
+    worker_tasks.gate("handback").set()
+    seq, results = broker.result()
+    assert list(results) == [1] and results[1]["ok"] and "started" not in results[1]
+    broker.ack(seq)
+    assert broker.recv(protocol.DISCONNECT)["reason"] == "shutdown"
+    w.join(5)
+
+
 def test_graceful_stop_drains_flushes_and_says_disconnect(broker: FakeBroker, start: Start) -> None:
     w = start()
     broker.register()
@@ -283,10 +309,10 @@ def test_graceful_stop_drains_flushes_and_says_disconnect(broker: FakeBroker, st
     broker.pump(broker.heartbeat_s / 2)
     told = [at for at, body in broker.heartbeats if at > asked and body.get("draining")]
     assert told and told[0] - asked < broker.heartbeat_s
-    # ... a task the broker sent before it heard still runs: refusing would cost an attempt
+    # ... a task the broker sent before it heard goes back unstarted, costing no attempt
     broker.dispatch(assignment(2, "wt.add", 1, 1))
     seq, results = broker.result()
-    assert protocol.unpack(results[2]["value"]) == 2
+    assert (results[2]["ok"], results[2]["retry"], results[2]["started"]) == (False, True, False)
     broker.ack(seq)
     # ... the running one finishes and its result is flushed
     threading.Timer(0.2, worker_tasks.gate("drain").set).start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import select
 from typing import Any
 
@@ -16,6 +17,7 @@ from taskring.registry import registered
 from taskring.workers import TaskContext, Worker, WorkerConfigError, WorkerSettings
 from taskring.workers.inbox import Inbox
 from taskring.workers.loading import load_modules
+from taskring.workers.pools import _take_waiting
 from taskring.workers.runner import run_assignment
 
 
@@ -163,3 +165,18 @@ def test_arguments_that_do_not_fit_fail_at_once_without_retry() -> None:
     # Then it fails, naming the signature, and another attempt is not asked for
     assert not outcome.ok and outcome.retry is False
     assert "wt.add(a, b)" in (outcome.error or "") and "'b'" in (outcome.error or "")
+
+
+def test_taking_the_waiting_tasks_leaves_a_slot_s_stop_signal_in_the_queue() -> None:
+    # Given a pool queue holding two assignments, then the signal that stops one slot
+    waiting: queue.SimpleQueue[Assignment | None] = queue.SimpleQueue()
+    first, second = (Assignment(i, 1, "wt.add", b"", None, 0) for i in (1, 2))
+    for item in (first, second, None):
+        waiting.put(item)
+    # When the waiting tasks are taken
+    taken = _take_waiting(waiting)
+    # Then both assignments come out, and the stop signal is still there for its slot
+    assert taken == [first, second]
+    assert waiting.get_nowait() is None and waiting.empty()
+    # And an empty queue gives nothing
+    assert _take_waiting(waiting) == []

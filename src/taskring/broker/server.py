@@ -791,7 +791,8 @@ class Broker:
             self._successes.append((job.id, job.attempt, lease.worker, outcome.value))
             self._announce(job, p.SUCCEEDED, outcome.value, None, lease.worker, wall)
         elif outcome.retry:
-            self._retry(lease, outcome.error or "failed without a message", wall)
+            error = outcome.error or "failed without a message"
+            self._retry(lease, error, wall, spare=not outcome.started)
         else:  # another attempt cannot help: fail now, whatever attempts are left
             self._move(p.RUNNING, p.FAILED)
             self.store.finish(
@@ -815,9 +816,10 @@ class Broker:
     def _retry(self, lease: Lease, reason: str, wall: float, *, spare: bool = False) -> None:
         """Queue the job again, or dead-letter it once its attempts are used up.
 
-        `spare`: the attempt likely never started (its task waited behind others
-        on a worker that died), so it does not count against max_attempts. A
-        worker can die while such a task runs, so a task is spared at most
+        `spare`: the attempt never started (its worker handed it back, or never
+        received it) or likely did not (its task waited behind others on a
+        worker that died), so it does not count against max_attempts. A worker
+        can die while such a task runs, so a task is spared at most
         max_attempts times: one that kills every worker it runs on is still
         dead-lettered, after at most twice its attempts.
         """
@@ -825,7 +827,7 @@ class Broker:
         spare = spare and job.spared < job.max_attempts
         if spare:
             job.spared += 1
-            reason += "; not counted against max_attempts: it waited behind other tasks"
+            reason += "; not counted against max_attempts: it had not started"
         if job.attempt - job.spared >= job.max_attempts:
             counted = job.attempt - job.spared
             error = f"{reason}; gave up after {counted} of {job.max_attempts} attempts"

@@ -62,6 +62,7 @@ class IOLoop:
         tasks: Mapping[str, int],
         submit: Callable[[Assignment], None],
         *,
+        take_waiting: Callable[[], list[Assignment]] = list,
         limits: protocol.Limits = protocol.DEFAULT_LIMITS,
         on_welcome: Callable[[int], None] | None = None,
         journal: AckJournal | None = None,
@@ -73,6 +74,7 @@ class IOLoop:
         self._context = context
         self._tasks = dict(tasks)  # name -> default max_attempts, as READY announces them
         self._submit = submit
+        self._take_waiting = take_waiting  # from the pool: the tasks no slot has started
         self._on_welcome = on_welcome
         self.inbox = Inbox()
         self._poller = zmq.Poller()
@@ -102,7 +104,8 @@ class IOLoop:
         # A restarted process must not be mistaken for a reconnect of this one.
         self._incarnation = uuid.uuid4().hex
         self.registrations = 0  # WELCOMEs that registered this worker
-        self.stopping = False  # draining: tell the broker, finish what was sent, take no more
+        # Draining: tell the broker, hand back what has not started, finish the rest.
+        self.stopping = False
         self._drain_announced = False
         self.closed = False
         self._stale: set[tuple[int, int]] = set()  # held attempts the broker said are stale
@@ -146,6 +149,8 @@ class IOLoop:
         clock = now if now is not None else time.monotonic()
         if self._socket is not None and self._socket in events:
             self._read_socket(clock)
+        if self.stopping:
+            self._hand_back(self._take_waiting())
         self._take_inbox(clock)
         self._run_timers(clock)
 
@@ -371,18 +376,28 @@ class IOLoop:
             if key in self.held:
                 log.warning("task %s attempt %s is already held; duplicate ignored", *key)
                 continue
-            # A task sent before the broker heard that this worker drains is
-            # run: refusing it would use up one of its attempts for nothing.
             if len(self.held) >= self.settings.capacity:
                 # The broker's credit should prevent this; never hold more than capacity.
                 reason = f"worker {self.name} is at capacity ({len(self.held)}); task not started"
+            elif self.stopping:
+                # Sent before the broker heard that this worker drains: another can run it.
+                reason = f"worker {self.name} stopped before it started the task"
             else:
                 self.held[key] = None
                 self.running.add(key)
                 self._submit(a)
                 continue
             log.warning("task %s attempt %s refused: %s", a.id, a.attempt, reason)
-            self._finished.append(failure(a, reason, retry=True, limits=self.limits))
+            self._finished.append(failure(a, reason, retry=True, started=False, limits=self.limits))
+
+    def _hand_back(self, waiting: list[Assignment]) -> None:
+        """Tasks that waited in the pool go back unstarted: another worker can run them now."""
+        if waiting:
+            log.info("worker %s stopping: %d waiting task(s) handed back", self.name, len(waiting))
+        reason = f"worker {self.name} stopped before it started the task"
+        for a in waiting:
+            self.running.discard((a.id, a.attempt))
+            self._finished.append(failure(a, reason, retry=True, started=False, limits=self.limits))
 
     def _on_ack(self, ack: protocol.Ack) -> None:
         if self._outstanding.ack(ack.seq) is None:
@@ -540,6 +555,7 @@ class IOLoop:
                 "value": o.value,
                 "error": o.error,
                 "retry": o.retry,
+                **({} if o.started else {"started": False}),
             }
             for o in batch
         ]

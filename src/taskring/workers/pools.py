@@ -49,7 +49,22 @@ class Sink(Protocol):
 class Pool(Protocol):
     def start(self, sink: Sink) -> None: ...
     def submit(self, assignment: Assignment) -> None: ...
+    def take_waiting(self) -> list[Assignment]: ...
     def close(self, timeout_s: float) -> None: ...
+
+
+def _take_waiting(waiting: queue.SimpleQueue[Assignment | None]) -> list[Assignment]:
+    """Assignments no thread has picked up yet; each get is atomic, so none starts after."""
+    taken: list[Assignment] = []
+    while True:
+        try:
+            a = waiting.get_nowait()
+        except queue.Empty:
+            return taken
+        if a is None:
+            waiting.put(None)  # a slot's signal to stop, not ours to take
+            return taken
+        taken.append(a)
 
 
 class ThreadPool:
@@ -71,6 +86,9 @@ class ThreadPool:
 
     def submit(self, assignment: Assignment) -> None:
         self._queue.put(assignment)
+
+    def take_waiting(self) -> list[Assignment]:
+        return _take_waiting(self._queue)
 
     def _loop(self, sink: Sink) -> None:
         while (a := self._queue.get()) is not None:
@@ -328,6 +346,9 @@ class ProcessPool:
 
     def submit(self, assignment: Assignment) -> None:
         self.queue.put(assignment)
+
+    def take_waiting(self) -> list[Assignment]:
+        return _take_waiting(self.queue)
 
     def close(self, timeout_s: float) -> None:
         self.kill_at = time.monotonic() + timeout_s

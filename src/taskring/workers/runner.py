@@ -21,8 +21,10 @@ from taskring.workers.context import CheckpointFn, StaleFn, TaskContext
 TRACEBACK_FRAMES = 4  # frames kept from the end of a task's traceback
 
 
-def failure(a: Assignment, error: str, *, retry: bool, limits: protocol.Limits) -> TaskOutcome:
-    return TaskOutcome(a.id, a.attempt, False, None, error[: limits.max_error_len], retry)
+def failure(
+    a: Assignment, error: str, *, retry: bool, limits: protocol.Limits, started: bool = True
+) -> TaskOutcome:
+    return TaskOutcome(a.id, a.attempt, False, None, error[: limits.max_error_len], retry, started)
 
 
 def describe_exception(e: BaseException) -> str:

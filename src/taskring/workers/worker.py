@@ -93,6 +93,7 @@ class Worker:
             self.name,
             tasks,
             pool.submit,
+            take_waiting=pool.take_waiting,
             limits=self.limits,
             on_welcome=self._welcomed,
             journal=journal,
