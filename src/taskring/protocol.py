@@ -755,6 +755,7 @@ def task_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "key": row["key"],
         "attempt": row["attempt"],
         "max_attempts": row["max_attempts"],
+        "spared": row["spared"],
         "worker": row["worker"],
         "result": row["result"],
         "error": row["error"],

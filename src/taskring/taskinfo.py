@@ -35,6 +35,7 @@ class TaskInfo:
     created_at: float
     updated_at: float
     packed_result: bytes | None = dataclasses.field(default=None, repr=False)
+    spared: int = 0  # attempts that did not start, so not counted against max_attempts
 
     @property
     def done(self) -> bool:
@@ -73,6 +74,7 @@ class TaskInfo:
                 get("created_at"),
                 get("updated_at"),
             )
+            spared = get("spared", 0)  # absent from brokers before it
             if (
                 type(task_id) is int
                 and type(name) is str
@@ -85,10 +87,11 @@ class TaskInfo:
                 and (worker is None or type(worker) is str)
                 and (error is None or type(error) is str)
                 and (result is None or type(result) is bytes)
+                and type(spared) is int
             ):
                 return cls(
                     task_id, name, state, key, attempt, max_attempts, worker, error,
-                    created, updated, result,
+                    created, updated, result, spared,
                 )  # fmt: skip
         if not isinstance(view, dict):
             raise malformed("a task view is not a map")
@@ -101,6 +104,9 @@ class TaskInfo:
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise malformed(f"task view field {name!r} is {type(value).__name__}")
             values[name] = value
+        spared = view.get("spared", 0)
+        if not isinstance(spared, int) or isinstance(spared, bool):
+            raise malformed(f"task view field 'spared' is {type(spared).__name__}")
         return cls(
             id=values["id"],
             name=values["name"],
@@ -113,6 +119,7 @@ class TaskInfo:
             created_at=float(values["created_at"]),
             updated_at=float(values["updated_at"]),
             packed_result=values["result"],
+            spared=spared,
         )
 
 

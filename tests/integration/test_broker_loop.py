@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from taskring import protocol as p
-from taskring.broker import Broker, BrokerSettings
+from taskring.broker import Broker, BrokerSettings, server
 
 HEARTBEAT_S = 1.0
 LIVENESS = 3
@@ -796,6 +796,49 @@ def test_keyed_tasks_wait_for_their_owner(broker, ctx):
     assert [t["id"] for t in w1.expect(broker, 0.0, p.TASK)["tasks"]] == ids[1:2]
 
 
+def test_only_the_tasks_a_dead_worker_had_not_started_keep_their_attempts(broker, ctx):
+    # Given a worker that runs one task at a time and holds two: A runs, B waits
+    c = client(ctx, broker)
+    w = worker(ctx, broker, 0.0, b"w1", capacity=2, concurrency=1)
+    a, b = submit(c, broker, 0.0, [task(max_attempts=1), task(max_attempts=1)])
+    assert len(w.expect(broker, 0.0, p.TASK)["tasks"]) == 2
+    # When A finishes, B starts, and C comes to wait behind it
+    (c_id,) = submit(c, broker, 0.0, [task(max_attempts=1)])
+    result(w, a, 1)
+    w.expect(broker, 0.0, p.ACK)
+    assert [t["id"] for t in w.expect(broker, 0.0, p.TASK)["tasks"]] == [c_id]
+    # And the worker dies
+    broker.poll_once(now=HEARTBEAT_S * LIVENESS + 0.5, timeout_s=0)
+    # Then B, which was running, used up its attempt; C, which was waiting, did not
+    rows = db_rows(broker, "SELECT id, state, spared FROM tasks ORDER BY id")
+    assert rows == [(a, "succeeded", 0), (b, "dead", 0), (c_id, "queued", 1)]
+
+
+def hand_back(w: Peer, broker: Broker, task_id: int, attempt: int) -> None:
+    item = {"id": task_id, "attempt": attempt, "ok": False, "error": "stopping", "started": False}
+    w.request(p.RESULT, {"results": [item]})
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == []
+
+
+def test_hand_backs_are_not_bound_by_max_attempts_but_by_max_spared(broker, ctx, monkeypatch):
+    monkeypatch.setattr(server, "MAX_SPARED", 3)
+    # Given a task of one attempt
+    w = worker(ctx, broker, 0.0, capacity=1)
+    (task_id,) = submit(client(ctx, broker), broker, 0.0, [task(max_attempts=1)])
+    # When its worker hands it back unstarted three times (say, three rolling restarts)
+    for attempt in (1, 2, 3):
+        assert w.expect(broker, 0.0, p.TASK)["tasks"][0]["attempt"] == attempt
+        hand_back(w, broker, task_id, attempt)
+    # Then it is still to run, not dead
+    assert w.expect(broker, 0.0, p.TASK)["tasks"][0]["attempt"] == 4
+    assert db_rows(broker, "SELECT state, spared FROM tasks") == [("running", 3)]
+    # And a fourth hand-back, past MAX_SPARED, counts: a worker that refuses a task
+    # forever cannot keep it circling forever
+    hand_back(w, broker, task_id, 4)
+    state, error = db_rows(broker, "SELECT state, error FROM tasks")[0]
+    assert state == "dead" and "gave up after 1 of 1 attempts" in error
+
+
 def test_a_task_its_worker_hands_back_unstarted_keeps_its_attempts(broker, ctx):
     # Given a task of one attempt, leased
     w = worker(ctx, broker, 0.0, capacity=1)
@@ -810,30 +853,26 @@ def test_a_task_its_worker_hands_back_unstarted_keeps_its_attempts(broker, ctx):
     assert (got["id"], got["attempt"]) == (task_id, 2)
     assert db_rows(broker, "SELECT state, spared FROM tasks") == [("running", 1)]
     (detail,) = db_rows(broker, "SELECT detail FROM events WHERE kind = 'retried'")
-    assert detail == ("stopping; not counted against max_attempts: it had not started",)
+    assert detail == ("stopping; not counted against max_attempts: it never started",)
     # And a failure of that attempt, which started, uses up its one counted attempt
     result(w, task_id, 2, ok=False)
     w.expect(broker, 0.0, p.ACK)
     assert db_rows(broker, "SELECT state FROM tasks") == [("dead",)]
 
 
-def test_lease_lost_in_transit_is_requeued_and_spared_at_most_max_attempts_times(broker, ctx):
+def test_lease_lost_in_transit_is_requeued_without_using_an_attempt(broker, ctx):
     # Given a task of one attempt, leased
     w = worker(ctx, broker, 0.0, capacity=1)
     (task_id,) = submit(client(ctx, broker), broker, 0.0, [task(max_attempts=1)])
     dseq = w.expect(broker, 0.0, p.TASK)["dseq"]
-    # When the worker says it saw TASK dseq but does not hold the task
-    w.send(p.HEARTBEAT, {"dseq": dseq, "held": []})
-    # Then the task comes again: the worker never had it, so no attempt was used
-    got = w.expect(broker, 0.0, p.TASK)
-    assert (got["tasks"][0]["id"], got["tasks"][0]["attempt"]) == (task_id, 2)
-    # When that lease is lost in transit too
-    w.send(p.HEARTBEAT, {"dseq": got["dseq"], "held": []})
-    broker.poll_once(now=0.0, timeout_s=0.05)
-    # Then it is dead-lettered: a task is spared at most max_attempts times
-    state, spared, error = db_rows(broker, "SELECT state, spared, error FROM tasks")[0]
-    assert (state, spared) == ("dead", 1)
-    assert "gave up after 1 of 1 attempts" in error
+    for attempt in (2, 3):
+        # When the worker says it saw the TASK's dseq but does not hold the task
+        w.send(p.HEARTBEAT, {"dseq": dseq, "held": []})
+        # Then the task comes again: the worker never had it, so no attempt was used
+        got = w.expect(broker, 0.0, p.TASK)
+        assert (got["tasks"][0]["id"], got["tasks"][0]["attempt"]) == (task_id, attempt)
+        dseq = got["dseq"]
+    assert db_rows(broker, "SELECT state, spared FROM tasks") == [("running", 2)]
 
 
 def test_restart_readopts_leases_the_worker_still_holds(tmp_path, ctx, synchronous):

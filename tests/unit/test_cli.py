@@ -44,6 +44,7 @@ def view(task_id: int, state: str, **fields: Any) -> dict[str, Any]:
         "key": None,
         "attempt": 1,
         "max_attempts": 3,
+        "spared": 0,
         "worker": "w1",
         "result": None,
         "error": None,
@@ -321,7 +322,7 @@ def test_cancel_says_what_became_of_each_task_and_exits_1_if_any_was_not_cancell
 def test_tasks_and_history_render(serve):
     def handler(command: bytes, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         if command == protocol.TASKS:
-            views = [view(2, protocol.RUNNING), view(1, protocol.QUEUED)]
+            views = [view(2, protocol.RUNNING, attempt=5, spared=2), view(1, protocol.QUEUED)]
             below = body.get("before_id") or 3
             return protocol.REPLY, {"tasks": [v for v in views if v["id"] < below]}
         event = {"at": 1.0, "kind": "submitted", "attempt": 0, "worker": None, "detail": None}
@@ -332,6 +333,10 @@ def test_tasks_and_history_render(serve):
     assert listed.exit_code == 0, listed.output
     assert broker.received[0][1]["state"] == "running"
     assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["2", "1"]
+    # And attempts that did not start are shown apart from the counted ones
+    assert "5/3 (2 not counted)" in listed.stdout.splitlines()[1]
+    assert "1/3" in listed.stdout.splitlines()[2]
+    assert "not counted" not in listed.stdout.splitlines()[2]
     shown = runner.invoke(app, ["history", "1", "-e", broker.endpoint])
     assert shown.exit_code == 0, shown.output
     assert "submitted" in shown.stdout

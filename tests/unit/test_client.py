@@ -121,6 +121,7 @@ def view(task_id: int, state: str = protocol.QUEUED, **fields: Any) -> dict[str,
         "key": None,
         "attempt": 0,
         "max_attempts": 3,
+        "spared": 0,
         "worker": None,
         "result": None,
         "error": None,
@@ -727,3 +728,15 @@ def test_a_closed_client_says_so_instead_of_a_socket_error():
     client.close()
     with pytest.raises(TaskringError, match="closed"):
         client.status(1)
+
+
+def test_a_view_s_spared_attempts_are_read_and_checked() -> None:
+    # Given views with spared attempts, without (an older broker), and with a bad one
+    assert TaskInfo.from_view(view(1, attempt=3, spared=2)).spared == 2
+    older = {k: v for k, v in view(1).items() if k != "spared"}
+    assert TaskInfo.from_view(older).spared == 0
+    # Then the bad one is refused, on the fast path and the checked one alike
+    with pytest.raises(TaskringError, match="'spared' is str"):
+        TaskInfo.from_view(view(1, spared="2"))
+    with pytest.raises(TaskringError, match="'spared' is bool"):
+        TaskInfo.from_view({**view(1, spared=True), "created_at": 1})

@@ -401,6 +401,7 @@ def test_task_view_keeps_only_the_public_fields() -> None:
         "key": None,
         "attempt": 1,
         "max_attempts": 3,
+        "spared": 0,
         "worker": "web-1",
         "result": VALUE,
         "error": None,

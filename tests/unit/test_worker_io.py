@@ -278,11 +278,14 @@ def test_a_stopping_worker_hands_back_the_tasks_waiting_for_a_slot(
     w = start(concurrency=1, prefetch=2)
     broker.register()
     broker.dispatch(*(assignment(i, "wt.wait", "handback") for i in (1, 2, 3)))
-    assert broker.last_held(after=time.monotonic()) == [[1, 1], [2, 1], [3, 1]]
+    assert worker_tasks.gate("handback:started").wait(5)
     # When asked to stop
     w.worker.stop()
-    # Then the two waiting ones go back at once, unstarted, so no attempt is used
+    # Then the two waiting ones go back at once, unstarted, so no attempt is used, and
+    # only after the broker was told that the worker drains: else it could lease them
+    # straight back to this worker
     seq, results = broker.result()
+    assert [body.get("draining") for _, body in broker.heartbeats][-1] is True
     assert sorted(results) == [2, 3]
     for outcome in results.values():
         assert (outcome["ok"], outcome["retry"], outcome["started"]) == (False, True, False)
@@ -295,6 +298,25 @@ def test_a_stopping_worker_hands_back_the_tasks_waiting_for_a_slot(
     broker.ack(seq)
     assert broker.recv(protocol.DISCONNECT)["reason"] == "shutdown"
     w.join(5)
+
+
+def test_a_waiting_task_whose_lease_ended_is_never_started(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a worker running one task, with a second one waiting for the slot
+    start(concurrency=1, prefetch=1)
+    broker.register()
+    broker.dispatch(*(assignment(i, "wt.wait", "first") for i in (1, 2)))
+    assert worker_tasks.gate("first:started").wait(5)
+    # When the broker's heartbeat says the waiting one's lease is gone, and the slot frees
+    broker.send(protocol.HEARTBEAT, {"stale": [[2, 1]]})
+    time.sleep(0.2)
+    worker_tasks.gate("first").set()
+    # Then it is reported unstarted instead of run a second time somewhere
+    done = broker.results_acked(2)
+    assert done[1]["ok"] and "started" not in done[1]
+    assert (done[2]["ok"], done[2]["started"]) == (False, False)
+    assert done[2]["error"] == "the lease ended before the task started"
 
 
 def test_graceful_stop_drains_flushes_and_says_disconnect(broker: FakeBroker, start: Start) -> None:

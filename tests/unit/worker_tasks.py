@@ -39,6 +39,7 @@ def add(a: int, b: int) -> int:
 
 @task(name="wt.wait")
 def wait_for(name: str) -> str:
+    gate(f"{name}:started").set()
     gate(name).wait(30)
     return name
 

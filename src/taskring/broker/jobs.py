@@ -25,7 +25,7 @@ class Job:
     checkpoint: bytes | None
     checkpoint_no: int
     created_at: float
-    spared: int  # attempts not counted against max_attempts (lost while waiting to start)
+    spared: int  # attempts not counted against max_attempts: they never started
 
     @property
     def ring_point(self) -> int:
@@ -44,9 +44,6 @@ class Lease:
     job: Job
     worker: str
     dseq: int  # TASK message that carried it; 0 for a lease adopted or loaded at start
-    # Granted while the worker already held as many tasks as it runs at once: the task
-    # waits there behind others (prefetched). If the worker dies, it likely never started.
-    behind: bool = False
 
 
 class TaskQueue:

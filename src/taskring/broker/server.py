@@ -42,6 +42,9 @@ COMPLAINT_INTERVAL_S = 10.0  # one log line per misbehaving peer per interval
 MAX_WATCHED_TASKS = 100_000
 # Turns whose messages may wait for the WAL sync before the loop stops reading.
 MAX_UNSYNCED_TURNS = 1_000
+# Attempts a worker says never started are not counted, up to this many per task:
+# a worker that refuses a task forever must not keep it circling forever.
+MAX_SPARED = 100
 CANCEL_REASON = "cancelled by a client"
 
 
@@ -626,6 +629,7 @@ class Broker:
             self.store.remember_names(request.tasks, wall)
             self.names.update(request.tasks)
         held = set(request.held)
+        lost = []
         for lease in list(previous.leases.values()) if previous else []:
             job = lease.job
             if (job.id, job.attempt) in held or (same_process and lease.dseq > request.dseq):
@@ -633,7 +637,15 @@ class Broker:
                     lease.dseq = 0  # its number belongs to the old process's numbering
                 worker.leases[job.id] = lease
             else:
-                self._lease_lost(lease, f"worker {name} registered again without it", wall)
+                lost.append(lease)
+        if previous is not None and lost:
+            reason = f"worker {name} registered again without it"
+            if same_process:  # as in a HEARTBEAT: its TASK came, and the task is not held
+                unseen = [lease for lease in lost if lease.dseq > 0]
+                for lease in unseen:
+                    self._lease_lost(lease, reason, wall, started=False)
+                lost = [lease for lease in lost if lease.dseq == 0]
+            self._leases_lost(previous, lost, reason, wall)
         for lease in [o for o in self.orphans.values() if o.worker == name]:
             job = lease.job
             if (job.id, job.attempt) in held:  # re-adopted after a broker restart
@@ -673,7 +685,7 @@ class Broker:
             # The worker has seen the TASK that carried this lease, yet does
             # not hold it: the message was lost in a reconnect.
             if 0 < lease.dseq <= beat.dseq and (lease.job.id, lease.job.attempt) not in held:
-                self._lease_lost(lease, "lease lost in transit", wall, unseen=True)
+                self._lease_lost(lease, "lease lost in transit", wall, started=False)
         worker.update_foreign(held, beat.dseq)
 
     def _on_result(self, envelope: p.Envelope, now: float, wall: float) -> None:
@@ -792,7 +804,7 @@ class Broker:
             self._announce(job, p.SUCCEEDED, outcome.value, None, lease.worker, wall)
         elif outcome.retry:
             error = outcome.error or "failed without a message"
-            self._retry(lease, error, wall, spare=not outcome.started)
+            self._retry(lease, error, wall, started=outcome.started)
         else:  # another attempt cannot help: fail now, whatever attempts are left
             self._move(p.RUNNING, p.FAILED)
             self.store.finish(
@@ -808,26 +820,50 @@ class Broker:
         if worker is not None:
             worker.leases.pop(task_id, None)
 
-    def _lease_lost(self, lease: Lease, reason: str, wall: float, *, unseen: bool = False) -> None:
-        """The attempt ended without a result; `unseen`: its worker never had the task."""
-        self._end_lease(lease)
-        self._retry(lease, reason, wall, spare=unseen or lease.behind)
+    def _lease_lost(
+        self,
+        lease: Lease,
+        reason: str,
+        wall: float,
+        *,
+        started: bool = True,
+        waiting: bool = False,
+    ) -> None:
+        """The attempt ended without a result.
 
-    def _retry(self, lease: Lease, reason: str, wall: float, *, spare: bool = False) -> None:
+        `started` False: its worker never had the task. `waiting`: the task was
+        likely still waiting for a slot in a worker that is gone.
+        """
+        self._end_lease(lease)
+        self._retry(lease, reason, wall, started=started, waiting=waiting)
+
+    def _retry(
+        self,
+        lease: Lease,
+        reason: str,
+        wall: float,
+        *,
+        started: bool = True,
+        waiting: bool = False,
+    ) -> None:
         """Queue the job again, or dead-letter it once its attempts are used up.
 
-        `spare`: the attempt never started (its worker handed it back, or never
-        received it) or likely did not (its task waited behind others on a
-        worker that died), so it does not count against max_attempts. A worker
-        can die while such a task runs, so a task is spared at most
-        max_attempts times: one that kills every worker it runs on is still
-        dead-lettered, after at most twice its attempts.
+        An attempt that did not start is spared: it does not count against
+        max_attempts. `waiting` is only a likelihood, and a task that kills its
+        worker as it starts could look like one, so that guess spares a task at
+        most max_attempts times in all: one that kills every worker it runs on
+        is still dead-lettered, after at most twice its attempts.
         """
         job = lease.job
-        spare = spare and job.spared < job.max_attempts
+        if not started:
+            spare = job.spared < MAX_SPARED
+            why = "it never started"
+        else:
+            spare = waiting and job.spared < job.max_attempts
+            why = "it was likely still waiting for a slot"
         if spare:
             job.spared += 1
-            reason += "; not counted against max_attempts: it had not started"
+            reason += f"; not counted against max_attempts: {why}"
         if job.attempt - job.spared >= job.max_attempts:
             counted = job.attempt - job.spared
             error = f"{reason}; gave up after {counted} of {job.max_attempts} attempts"
@@ -857,6 +893,7 @@ class Broker:
             "key": job.key,
             "attempt": job.attempt,
             "max_attempts": job.max_attempts,
+            "spared": job.spared,
             "worker": worker,
             "result": result,
             "error": error,
@@ -884,8 +921,22 @@ class Broker:
         log.warning("%s; %d tasks go back to the queue", reason, len(worker.leases))
         del self.workers[worker.name]
         self.placement.leave(worker.name)
-        for lease in list(worker.leases.values()):
-            self._lease_lost(lease, reason, wall)
+        self._leases_lost(worker, list(worker.leases.values()), reason, wall)
+
+    def _leases_lost(
+        self, worker: WorkerState, lost: list[Lease], reason: str, wall: float
+    ) -> None:
+        """Leases lost with a worker process, oldest first.
+
+        A worker starts its tasks in the order they came, so of those it still
+        held, the oldest `concurrency` were running and the rest most likely
+        still waited for a slot. (A result not yet reported also takes a place
+        among the oldest: the guess errs toward counting an attempt.)
+        """
+        rank = {task_id: i for i, task_id in enumerate(worker.leases)}
+        for lease in lost:
+            waiting = rank[lease.job.id] >= worker.concurrency
+            self._lease_lost(lease, reason, wall, waiting=waiting)
 
     # ------------------------------------------------------------ dispatch
 
@@ -906,7 +957,7 @@ class Broker:
 
     def _grant(self, job: Job, worker: WorkerState, batches: dict[str, list[Lease]]) -> None:
         job.attempt += 1
-        lease = Lease(job, worker.name, dseq=0, behind=worker.held >= worker.concurrency)
+        lease = Lease(job, worker.name, dseq=0)
         self.leases[job.id] = lease
         worker.leases[job.id] = lease
         self._new_leases.append((job.id, job.attempt, worker.name))

@@ -97,8 +97,9 @@ def m001_tasks_and_events(db: sqlite_utils.Database) -> None:
 
 @migrations()
 def m002_spared_attempts(db: sqlite_utils.Database) -> None:
-    # Leases lost with a worker while their task waited there behind others (its
-    # prefetch): counted in `attempt`, the fencing token, but not against max_attempts.
+    # Attempts that never started (handed back, lost in transit, or likely still
+    # waiting in a worker that died): counted in `attempt`, the fencing token, but
+    # not against max_attempts.
     db.execute("ALTER TABLE tasks ADD COLUMN spared INTEGER NOT NULL DEFAULT 0")
 
 
@@ -107,7 +108,8 @@ JOB_COLUMNS = (
     "id, name, payload, key, attempt, max_attempts, checkpoint, checkpoint_no, created_at, spared"
 )
 VIEW_COLUMNS = (
-    "id, name, state, key, attempt, max_attempts, worker, result, error, created_at, updated_at"
+    "id, name, state, key, attempt, max_attempts, spared, worker, result, error, created_at,"
+    " updated_at"
 )
 
 _INSERT_TASK = (

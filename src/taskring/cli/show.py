@@ -37,7 +37,8 @@ class State(enum.StrEnum):
 
 
 def _attempts(info: TaskInfo) -> str:
-    return f"{info.attempt}/{info.max_attempts}"
+    counted = f"{info.attempt}/{info.max_attempts}"
+    return f"{counted} ({info.spared} not counted)" if info.spared else counted
 
 
 def render_status(status: dict[str, Any]) -> str:

@@ -149,7 +149,9 @@ class IOLoop:
         clock = now if now is not None else time.monotonic()
         if self._socket is not None and self._socket in events:
             self._read_socket(clock)
-        if self.stopping:
+        if self.stopping and self._drain_announced:
+            # Only once the broker has read that this worker drains, or it could
+            # lease these tasks straight back to it.
             self._hand_back(self._take_waiting())
         self._take_inbox(clock)
         self._run_timers(clock)
@@ -379,8 +381,8 @@ class IOLoop:
             if len(self.held) >= self.settings.capacity:
                 # The broker's credit should prevent this; never hold more than capacity.
                 reason = f"worker {self.name} is at capacity ({len(self.held)}); task not started"
-            elif self.stopping:
-                # Sent before the broker heard that this worker drains: another can run it.
+            elif self._drain_announced:
+                # Sent before the broker read that this worker drains: another can run it.
                 reason = f"worker {self.name} stopped before it started the task"
             else:
                 self.held[key] = None

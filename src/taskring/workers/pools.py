@@ -53,6 +53,18 @@ class Pool(Protocol):
     def close(self, timeout_s: float) -> None: ...
 
 
+def _gone_before_start(a: Assignment, sink: Sink, limits: protocol.Limits) -> TaskOutcome | None:
+    """An outcome for a task whose lease the broker ended while it waited for a slot.
+
+    Another worker may be running it by now (this one was frozen, or the task was
+    cancelled); starting it here would only run it twice.
+    """
+    if not sink.is_stale(a.id, a.attempt):
+        return None
+    error = "the lease ended before the task started"
+    return failure(a, error, retry=True, started=False, limits=limits)
+
+
 def _take_waiting(waiting: queue.SimpleQueue[Assignment | None]) -> list[Assignment]:
     """Assignments no thread has picked up yet; each get is atomic, so none starts after."""
     taken: list[Assignment] = []
@@ -92,6 +104,10 @@ class ThreadPool:
 
     def _loop(self, sink: Sink) -> None:
         while (a := self._queue.get()) is not None:
+            outcome = _gone_before_start(a, sink, self._limits)
+            if outcome is not None:
+                sink.finished(outcome)
+                continue
             try:
                 outcome = run_assignment(
                     a, self._specs, sink.checkpoint, limits=self._limits, is_stale=sink.is_stale
@@ -308,7 +324,7 @@ class _Slot:
         if error is not None:
             log.error("worker process %d cannot start: %s", self.index, error)
         while (a := self.pool.queue.get()) is not None:
-            outcome = self._run(a, sink)
+            outcome = _gone_before_start(a, sink, self.pool.limits) or self._run(a, sink)
             sink.finished(outcome)
             # Replace a dead child at once, not when the next task is waiting.
             if self.proc is None and self.pool.kill_at is None and (error := self._spawn()):

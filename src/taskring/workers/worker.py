@@ -106,6 +106,8 @@ class Worker:
                 io.poll_once()
             drained = self._drain_and_flush(io)
         finally:
+            # Not started, and not to be: the broker queues them again when we leave.
+            pool.take_waiting()
             io.close(disconnect=True, linger_s=min(0.5, s.heartbeat_s))
             pool.close(CHILD_GRACE_S if drained else 0.0)
             context.destroy(linger=0)
