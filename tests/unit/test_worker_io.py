@@ -300,6 +300,37 @@ def test_a_stopping_worker_hands_back_the_tasks_waiting_for_a_slot(
     w.join(5)
 
 
+def test_after_registering_again_a_stopping_worker_says_it_drains_before_handing_back(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a stopping worker that has handed back what waited, its one slot busy
+    w = start(concurrency=1, prefetch=2)
+    broker.register()
+    broker.dispatch(*(assignment(i, "wt.wait", "again") for i in (1, 2, 3)))
+    assert worker_tasks.gate("again:started").wait(5)
+    w.worker.stop()
+    seq, results = broker.result()
+    assert sorted(results) == [2, 3]
+    broker.ack(seq)
+    # When the broker forgets it, and sends a task before it welcomes it back
+    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
+    ready = broker.recv(protocol.READY)
+    broker.dispatch(assignment(4, "wt.wait", "again"))
+    welcomed_at = time.monotonic()
+    broker.welcome(ready["seq"])
+    # Then it hands that task back only after a HEARTBEAT that says it drains: the
+    # broker takes a worker that registers as one that serves, and would lease the
+    # task straight back to it
+    seq, results = broker.result()
+    assert list(results) == [4] and results[4]["started"] is False
+    assert [body.get("draining") for at, body in broker.heartbeats if at > welcomed_at] == [True]
+    broker.ack(seq)
+    worker_tasks.gate("again").set()
+    assert broker.results_acked(1)[1]["ok"]
+    assert broker.recv(protocol.DISCONNECT)["reason"] == "shutdown"
+    w.join(5)
+
+
 def test_a_waiting_task_whose_lease_ended_is_never_started(
     broker: FakeBroker, start: Start
 ) -> None:
@@ -501,6 +532,27 @@ def test_a_rejected_batch_goes_again_item_by_item_so_only_the_bad_item_fails(
     assert good.waiter.wait() is False
     with pytest.raises(RequestRejected, match="too-large"):
         bad.waiter.wait()
+
+
+def test_a_result_the_broker_refuses_alone_is_reported_as_the_failure_it_is(
+    stepped: Stepped,
+) -> None:
+    broker, io = stepped
+    # Given a task's result, sent alone
+    io.inbox.put(outcome(5, 1))
+    io.poll_once(timeout_s=0)
+    (command, body), *_ = broker.pump(0.3)
+    assert command == protocol.RESULT and items_of(body)[0]["ok"] is True
+    # When the broker refuses it for good (its value is over the broker's own limit)
+    broker.send(protocol.ERROR, {"seq": body["seq"], "code": "too-large", "message": "big"})
+    # Then the worker reports the task failed, for good, instead of letting it go: a
+    # task dropped from `held` would be run again, to the same refusal
+    first_seq = body["seq"]
+    step_until(io, lambda: io.unacked == 1 and first_seq not in io._results)
+    again = [b for c, b in broker.pump(0.3) if c == protocol.RESULT]
+    (failed,) = items_of(again[0])
+    assert (failed["id"], failed["ok"], failed["retry"], failed["value"]) == (5, False, False, None)
+    assert failed["error"] == "the broker refused the result (too-large): big"
 
 
 def test_an_outcome_is_sized_in_bytes_so_a_result_of_emoji_errors_stays_under_the_limit() -> None:

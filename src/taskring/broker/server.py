@@ -641,12 +641,15 @@ class Broker:
         if previous is not None and lost:
             reason = f"worker {name} registered again without it"
             if same_process:  # as in a HEARTBEAT: its TASK came, and the task is not held
-                unseen = [lease for lease in lost if lease.dseq > 0]
-                for lease in unseen:
-                    self._lease_lost(lease, reason, wall, started=False)
-                lost = [lease for lease in lost if lease.dseq == 0]
-            self._leases_lost(previous, lost, reason, wall)
-        for lease in [o for o in self.orphans.values() if o.worker == name]:
+                for lease in lost:
+                    self._lease_lost(lease, reason, wall, waiting=lease.dseq > 0)
+            else:
+                self._leases_lost(previous, lost, reason, wall)
+        # In the order the worker holds them, which is the order it got them.
+        position = {pair: i for i, pair in enumerate(request.held)}
+        mine = [o for o in self.orphans.values() if o.worker == name]
+        mine.sort(key=lambda o: position.get((o.job.id, o.job.attempt), len(position)))
+        for lease in mine:
             job = lease.job
             if (job.id, job.attempt) in held:  # re-adopted after a broker restart
                 del self.orphans[job.id]
@@ -685,7 +688,9 @@ class Broker:
             # The worker has seen the TASK that carried this lease, yet does
             # not hold it: the message was lost in a reconnect.
             if 0 < lease.dseq <= beat.dseq and (lease.job.id, lease.job.attempt) not in held:
-                self._lease_lost(lease, "lease lost in transit", wall, started=False)
+                # Not certain it never ran: a worker also lets go of a task whose
+                # result the broker refused.
+                self._lease_lost(lease, "lease lost in transit", wall, waiting=True)
         worker.update_foreign(held, beat.dseq)
 
     def _on_result(self, envelope: p.Envelope, now: float, wall: float) -> None:
@@ -926,12 +931,14 @@ class Broker:
     def _leases_lost(
         self, worker: WorkerState, lost: list[Lease], reason: str, wall: float
     ) -> None:
-        """Leases lost with a worker process, oldest first.
+        """Leases lost with a worker process.
 
         A worker starts its tasks in the order they came, so of those it still
         held, the oldest `concurrency` were running and the rest most likely
-        still waited for a slot. (A result not yet reported also takes a place
-        among the oldest: the guess errs toward counting an attempt.)
+        still waited for a slot. A finished task whose result had not left yet
+        also takes a place among the oldest, so the task that started in its
+        slot, and may have killed the process, is taken as waiting: the guess
+        can spare a task that ran, which is why it is capped.
         """
         rank = {task_id: i for i, task_id in enumerate(worker.leases)}
         for lease in lost:

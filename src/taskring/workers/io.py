@@ -209,17 +209,20 @@ class IOLoop:
             self._send_ready(now)
         drain_news = self.stopping and not self._drain_announced
         if self.welcomed and (now >= self._heartbeat_due or drain_news):
-            body: dict[str, Any] = {"dseq": self._dseq, "held": self._held_list()}
-            if self.stopping:
-                # At once, not at the next beat: every TASK the broker sends from
-                # now on would only delay the stop.
-                body["draining"] = True
-                self._drain_announced = True
-            self._send(protocol.frames(PROTOCOL_WORKER, protocol.HEARTBEAT, body))
-            self._heartbeat_due = now + self._heartbeat_s
+            self._send_heartbeat(now)
         if self.welcomed:
             for frames in self._outstanding.due(now):
                 self._send(frames)
+
+    def _send_heartbeat(self, now: float) -> None:
+        body: dict[str, Any] = {"dseq": self._dseq, "held": self._held_list()}
+        if self.stopping:
+            # At once, not at the next beat: every TASK the broker sends from
+            # now on would only delay the stop.
+            body["draining"] = True
+        sent = self._send(protocol.frames(PROTOCOL_WORKER, protocol.HEARTBEAT, body))
+        self._drain_announced = self.stopping and sent
+        self._heartbeat_due = now + self._heartbeat_s
 
     # ------------------------------------------------------------ the socket
 
@@ -271,6 +274,9 @@ class IOLoop:
         return True
 
     def _send_ready(self, now: float) -> None:
+        # A registration in the making: the broker will take this worker as one
+        # that does not drain until a HEARTBEAT says so again.
+        self._drain_announced = False
         seq = self._outstanding.next_seq()  # one seq space: ACK and ERROR seqs stay unambiguous
         self._ready_seqs.add(seq)
         body = {
@@ -361,7 +367,10 @@ class IOLoop:
         self._first_delay_s = min(welcome.heartbeat_s, self.settings.reconnect_max_s)
         self._reconnect_delay_s = self._first_delay_s
         self._heartbeat_due = now + self._heartbeat_s
-        self._drain_announced = False  # a new registration must hear it again
+        if self.stopping:
+            # Before any resend: a hand-back the broker read first would come
+            # straight back to this worker, which it still takes as serving.
+            self._send_heartbeat(now)
         if self._resend_on_welcome:
             self._resend_on_welcome = False
             for frames in self._outstanding.resend_all(now):
@@ -437,9 +446,16 @@ class IOLoop:
         if len(outcomes) > 1:
             for o in outcomes:
                 self._send_result([o], now)
+        elif outcomes and outcomes[0].ok:
+            # Its value broke a broker limit (one smaller than ours): the task failed,
+            # and another attempt would only make the same value.
+            (o,) = outcomes
+            log.error("broker rejected the result of task %s attempt %s", o.id, o.attempt)
+            error = f"the broker refused the result ({code}): {message}"
+            self._send_result([o._replace(ok=False, value=None, error=error, retry=False)], now)
         elif outcomes:
             (o,) = outcomes
-            log.error("broker rejected the result of task %s attempt %s; dropped", o.id, o.attempt)
+            log.error("broker rejected the outcome of task %s attempt %s; dropped", o.id, o.attempt)
             self.held.pop((o.id, o.attempt), None)
         checkpoints = self._waiters.pop(seq, [])
         if len(checkpoints) > 1:
