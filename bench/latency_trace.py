@@ -81,7 +81,7 @@ def round_trips(events: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
 # SUBMIT's REPLY and the RESULT's ACK leave at the same time as the TASK and
 # the NOTIFY and travel beside them, off this path. With --synchronous normal
 # there is no sync step.
-SYNCED = ("broker synced inline", "broker hears the sync")
+SYNCED = ("broker synced",)
 Steps = list[tuple[tuple[str, ...], str]]
 
 

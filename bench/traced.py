@@ -73,9 +73,7 @@ def install(role: str, out_dir: Path | None) -> None:
 
         # _seal_turn runs right after the turn's COMMIT returned.
         Broker._seal_turn = stamped("broker committed", Broker._seal_turn)
-        WalSyncer.sync_here = stamped("broker synced inline", WalSyncer.sync_here, after=True)
-        WalSyncer.request = stamped("broker asks its sync thread", WalSyncer.request)
-        WalSyncer.clear_wakeups = stamped("broker hears the sync", WalSyncer.clear_wakeups)
+        WalSyncer.sync = stamped("broker synced", WalSyncer.sync, after=True)
     elif role == "worker":
         from taskring.workers import pools
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,12 +97,6 @@ def make_broker(tmp_path: Path, ctx: zmq.Context[Any], **settings: Any) -> Broke
     return Broker(BrokerSettings(**(defaults | settings)), context=ctx)
 
 
-def syncs_in_thread(b: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Send every sync to the helper thread, as on a busy broker (no inline sync)."""
-    assert b.syncer is not None
-    monkeypatch.setattr(b.syncer, "sync_here", b.syncer.request)
-
-
 @pytest.fixture(params=["normal", "full"])
 def synchronous(request: pytest.FixtureRequest) -> str:
     """Every rule holds in both modes; "full" also sends only what the WAL sync made durable."""
@@ -180,37 +173,29 @@ def test_submit_is_acknowledged_after_commit_and_a_resend_creates_no_second_task
 def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(
     tmp_path, ctx, monkeypatch
 ):
-    # Given a broker in "full" mode whose WAL fsync is held back by a gate
-    gate = threading.Event()
-    real_fsync = os.fsync
-
-    def gated_fsync(fd: int) -> None:
-        assert gate.wait(10), "the test never opened the gate"
-        real_fsync(fd)
-
+    # Given a broker in "full" mode whose WAL syncs note what the client had received
     b = make_broker(tmp_path, ctx, synchronous="full")
-    monkeypatch.setattr("taskring.broker.durability._datasync", gated_fsync)
-    syncs_in_thread(b, monkeypatch)
+    c = client(ctx, b)
+    real = os.fdatasync if hasattr(os, "fdatasync") else os.fsync
+    syncs: list[bool] = []
+
+    def noting(fd: int) -> None:
+        syncs.append(bool(c.socket.poll(0)))  # one thread: the test's, which runs the loop
+        real(fd)
+
+    monkeypatch.setattr("taskring.broker.durability._datasync", noting)
     try:
-        c = client(ctx, b)
-        # When a client submits and the broker commits the task
+        # When a client submits, and another asks about the task (a turn that writes nothing)
         c.request(p.SUBMIT, {"tasks": [task()]})
-        for _ in range(20):
-            b.poll_once(now=0.0, timeout_s=0.01)
-        assert db_rows(b, "SELECT count(*) FROM tasks") == [(1,)]
-        # And another client asks about it (a turn that writes nothing)
+        assert c.expect(b, 0.0, p.REPLY)["ids"] == [1]
         other = client(ctx, b, b"c-other")
         other.request(p.GET, {"ids": [1]})
-        for _ in range(20):
-            b.poll_once(now=0.0, timeout_s=0.01)
-        # Then neither the REPLY nor the answer to the GET leaves while the sync is pending
-        assert not c.socket.poll(50) and not other.socket.poll(0)
-        # And both leave, in turn order, once the WAL is on disk
-        gate.set()
-        assert c.expect(b, 0.0, p.REPLY)["ids"] == [1]
         assert other.expect(b, 0.0, p.REPLY)["tasks"][0]["state"] == "queued"
+        # Then the commit was synced once, in the loop's own thread, before its REPLY left,
+        # and the turn that wrote nothing synced nothing
+        assert syncs == [False]
+        assert b.store.durable == b.store.generation == 1
     finally:
-        gate.set()
         b.close()
 
 
@@ -222,63 +207,15 @@ def test_a_failed_wal_sync_stops_the_broker_and_sends_nothing(tmp_path, ctx, mon
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr("taskring.broker.durability._datasync", failing)
-    syncs_in_thread(b, monkeypatch)
     try:
         c = client(ctx, b)
         c.request(p.SUBMIT, {"tasks": [task()]})
-        # When the loop learns of it, Then it stops with a database error
+        # When the loop commits the submit, Then it stops with a database error
         with pytest.raises(sqlite3.OperationalError, match="fsync of the task log failed"):
             for _ in range(200):
                 b.poll_once(now=0.0, timeout_s=0.01)
         # And the submit was never acknowledged
         assert not c.socket.poll(50)
-    finally:
-        b.close()
-
-
-def test_the_loop_stops_reading_when_the_disk_falls_far_behind(tmp_path, ctx, monkeypatch):
-    # Given a full-durability broker whose syncs never finish, with a backlog at the cap
-    gate = threading.Event()
-    b = make_broker(tmp_path, ctx, synchronous="full")
-    monkeypatch.setattr("taskring.broker.durability._datasync", lambda fd: gate.wait(10))
-    monkeypatch.setattr("taskring.broker.server.MAX_UNSYNCED_TURNS", 2)
-    syncs_in_thread(b, monkeypatch)
-    try:
-        c = client(ctx, b)
-        for _ in range(2):
-            c.request(p.SUBMIT, {"tasks": [task()]})
-            while not b.poll_once(now=0.0, timeout_s=0.5):
-                pass
-        # When a third request arrives
-        c.request(p.SUBMIT, {"tasks": [task()]})
-        for _ in range(5):
-            assert b.poll_once(now=0.0, timeout_s=0.01) == 0  # Then it is not read
-        assert db_rows(b, "SELECT count(*) FROM tasks") == [(2,)]
-        # And once the disk catches up, everything is answered
-        gate.set()
-        replies = [c.expect(b, 0.0, p.REPLY)["ids"] for _ in range(3)]
-        assert replies == [[1], [2], [3]]
-    finally:
-        gate.set()
-        b.close()
-
-
-def test_an_idle_full_broker_syncs_inline_before_it_answers(tmp_path, ctx, monkeypatch):
-    # Given an idle broker in "full" mode that records its WAL syncs
-    events: list[str] = []
-    real = os.fdatasync if hasattr(os, "fdatasync") else os.fsync
-    b = make_broker(tmp_path, ctx, synchronous="full")
-    monkeypatch.setattr(
-        "taskring.broker.durability._datasync", lambda fd: (events.append("sync"), real(fd))
-    )
-    try:
-        c = client(ctx, b)
-        # When a client submits
-        c.request(p.SUBMIT, {"tasks": [task()]})
-        reply = c.expect(b, 0.0, p.REPLY)
-        # Then the commit was synced once, in the loop's own thread, before the REPLY
-        assert reply["ids"] == [1] and events == ["sync"]
-        assert b.store.durable == b.store.generation == 1
     finally:
         b.close()
 

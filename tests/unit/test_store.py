@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 
 import pytest
@@ -88,9 +89,28 @@ def test_full_commits_are_numbered_and_become_durable_through_an_fsync_of_the_wa
         s.queued(0, 10)
     # Then only the writing turn is a new generation, and it becomes durable
     # through an fsync of the WAL file itself
-    assert s.generation == 1
-    assert s.syncer.wait(1, timeout_s=5.0) and s.durable == 1
-    assert os.stat(tmp_path / "t.db-wal").st_ino in synced_inodes
+    assert s.generation == 1 and s.durable == 0
+    synced_inodes.clear()
+    s.sync()
+    assert s.durable == 1
+    assert synced_inodes == [os.stat(tmp_path / "t.db-wal").st_ino]
+    # And a sync with no commit since the last one does not touch the disk
+    s.sync()
+    assert len(synced_inodes) == 1
+    s.close()
+
+
+def test_a_refused_sync_is_a_database_error(tmp_path, monkeypatch):
+    s = Store(tmp_path / "t.db", synchronous="full")
+    add_task(s)
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("taskring.broker.durability._datasync", failing)
+    with pytest.raises(sqlite3.OperationalError, match="fsync of the task log failed"):
+        s.sync()
+    assert s.durable == 0
     s.close()
 
 
@@ -113,7 +133,8 @@ def test_a_full_store_finds_the_wal_of_a_database_reached_through_a_symlink(tmp_
     (tmp_path / "link.db").symlink_to(tmp_path / "real" / "t.db")
     s = Store(tmp_path / "link.db", synchronous="full")
     add_task(s)
-    assert s.syncer is not None and s.syncer.wait(s.generation, timeout_s=5.0)
+    s.sync()
+    assert s.durable == s.generation == 1
     assert (tmp_path / "real" / "t.db-wal").exists()
     s.close()
 

@@ -41,7 +41,6 @@ COMPLAINT_INTERVAL_S = 10.0  # one log line per misbehaving peer per interval
 # otherwise cost the broker hundreds of MB (bench/deep_queue.py).
 MAX_WATCHED_TASKS = 100_000
 # Turns whose messages may wait for the WAL sync before the loop stops reading.
-MAX_UNSYNCED_TURNS = 1_000
 # Attempts a worker says never started are not counted, up to this many per task:
 # a worker that refuses a task forever must not keep it circling forever.
 MAX_SPARED = 100
@@ -85,11 +84,6 @@ class Broker:
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
-        self.syncer = self.store.syncer
-        if self.syncer is not None:
-            self.poller.register(self.syncer.fileno(), zmq.POLLIN)
-        # Each turn's messages, tagged with the commit they reveal, until it is on disk.
-        self._unsynced: collections.deque[tuple[int, list[list[bytes]]]] = collections.deque()
 
         self.workers: dict[str, WorkerState] = {}
         self.leases: dict[int, Lease] = {}  # every running task, by id
@@ -151,10 +145,6 @@ class Broker:
     def run(self) -> None:
         while not self._stop.is_set():
             self.poll_once()
-        # Answers whose commit was still being synced go out before we leave.
-        if self.syncer is not None and self._unsynced:
-            self.syncer.wait(self.store.generation, timeout_s=5.0)
-            self._release()
 
     def reload_keys(self) -> None:
         """Read the allow folder again at the next turn (safe to call from a signal handler)."""
@@ -184,18 +174,9 @@ class Broker:
             self._reload = False
             self._allowed = self.curve.allowed()
             log.info("allowed keys reloaded: %d", len(self._allowed))
-        if self.syncer is not None and len(self._unsynced) >= MAX_UNSYNCED_TURNS:
-            # The disk is far behind: take no new input until it catches up, as
-            # the loop did when SQLite synced inside COMMIT, instead of piling up
-            # answers in memory.
-            self.syncer.wait(self._unsynced[-1][0], timeout_s=max(timeout_s, 0.001))
-            ready = {}
-        else:
-            # Rounded up: a timer 0.4 ms away must not become a poll(0) spin.
-            ready = dict(self.poller.poll(max(0, math.ceil(timeout_s * 1000))))
+        # Rounded up: a timer 0.4 ms away must not become a poll(0) spin.
+        ready = dict(self.poller.poll(max(0, math.ceil(timeout_s * 1000))))
         messages: list[tuple[list[bytes], str | None]] = []
-        if self.syncer is not None and self.syncer.fileno() in ready:
-            self.syncer.clear_wakeups()
         if self.socket in ready:
             for _ in range(self.settings.max_messages_per_turn):
                 try:
@@ -217,9 +198,8 @@ class Broker:
             self._dispatch()
             self._flush_writes(wall)
         self._seal_turn()
-        if self.syncer is not None and self._unsynced:
-            self._sync(self._unsynced[-1][0], quiet=len(messages) <= 1)
-        self._release()
+        self.store.sync()  # before anything leaves that tells of the turn's commit
+        self._send_outbox()
         self._send_heartbeats(now)
         return len(messages)
 
@@ -311,43 +291,18 @@ class Broker:
         self._outbox.append([worker.identity, p.PROTOCOL_WORKER, command, p.pack(body)])
 
     def _seal_turn(self) -> None:
-        """This turn's messages wait for the turn's commit (and every earlier one) to be durable."""
+        """The turn's NOTIFYs join its other messages."""
         for identity, views in self._notices.items():
             for chunk in p.split_by_size(views, _view_bytes, self.limits):
                 body = {"tasks": chunk}
                 self._outbox.append([identity, p.PROTOCOL_CLIENT, p.NOTIFY, p.pack(body)])
         self._notices.clear()
-        if self._outbox:
-            # Tagged with the last commit even when this turn wrote nothing: a reply
-            # may read state that an earlier, still unsynced, commit wrote.
-            self._unsynced.append((self.store.generation, self._outbox))
-            self._outbox = []
 
-    def _sync(self, generation: int, *, quiet: bool) -> None:
-        """Have the commits up to `generation` synced: here when idle, else in the background.
-
-        `quiet`: this turn handled at most one message, so the broker is not
-        under load. Under load half of the turns found no input waiting at
-        their end, and syncing those inline stalled the loop for the sync.
-        """
-        assert self.syncer is not None
-        if generation <= self.syncer.synced:
-            return
-        if quiet and not self.syncer.busy and not self.socket.poll(0, zmq.POLLIN):
-            # Nothing else to do meanwhile: waiting here saves the two thread
-            # hand-offs, which cost more than the sync on an idle broker.
-            self.syncer.sync_here(generation)
-        else:
-            self.syncer.request(generation)
-
-    def _release(self) -> None:
-        """Send, in turn order, what the disk now holds."""
-        if self.syncer is not None and self.syncer.error is not None:
-            raise sqlite3.OperationalError(f"fsync of the task log failed: {self.syncer.error}")
-        durable = self.store.durable
-        while self._unsynced and self._unsynced[0][0] <= durable:
-            for frames in self._unsynced.popleft()[1]:
-                p.send_frames(self.socket, frames)
+    def _send_outbox(self) -> None:
+        """The turn's messages, in order, once its commit is durable."""
+        for frames in self._outbox:
+            p.send_frames(self.socket, frames)
+        self._outbox = []
 
     def _send_heartbeats(self, now: float) -> None:
         heartbeat = [p.PROTOCOL_WORKER, p.HEARTBEAT, p.pack({})]

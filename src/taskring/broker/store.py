@@ -7,11 +7,11 @@ turn (`turn()`), so a burst of submits, results and checkpoints costs one
 commit, and nothing is acknowledged before that commit returns.
 
 A commit survives the death of any process. With `synchronous="full"` (the
-default) it also survives power loss, once `durable` reaches its
-`generation`: SQLite commits with synchronous=NORMAL and a WalSyncer thread
-syncs the WAL file (fdatasync), so the broker's loop does not wait for the
-disk (broker/durability.py). With `"normal"` nothing is synced per commit: a power
-loss may roll back the last commits. It is offered for speed.
+default) it also survives power loss once `sync()` returned: SQLite commits
+with synchronous=NORMAL and a WalSyncer fdatasyncs the WAL file, once for all
+the commits since the last sync (broker/durability.py). With `"normal"`
+nothing is synced per commit: a power loss may roll back the last commits.
+It is offered for speed.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class Store:
         migrations.apply(self.db)
         self.conn: sqlite3.Connection = self.db.conn
         self.next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
-        # Commits are numbered; every one up to `durable` survives power loss.
+        # Commits are numbered, so that a sync can tell whether one is needed.
         self.generation = 0
         self.syncer: WalSyncer | None = None
         if synchronous == "full":
@@ -175,6 +175,16 @@ class Store:
     def durable(self) -> int:
         """The last commit generation that is on disk (all of them, without a syncer)."""
         return self.syncer.synced if self.syncer is not None else self.generation
+
+    def sync(self) -> None:
+        """Make every commit so far survive power loss (with synchronous="full")."""
+        if self.syncer is not None:
+            try:
+                self.syncer.sync(self.generation)
+            except OSError as e:
+                # Nothing more may be acknowledged; the broker stops, and a restart
+                # recovers from what the log holds.
+                raise sqlite3.OperationalError(f"fsync of the task log failed: {e}") from e
 
     def close(self) -> None:
         if self.syncer is not None:
