@@ -68,12 +68,12 @@ def install(role: str, out_dir: Path | None) -> None:
     protocol.send_frames = send_frames
     protocol.recv_frames = recv_frames
     if role == "broker":
-        from taskring.broker.durability import WalSyncer
+        from taskring.broker import durability
         from taskring.broker.server import Broker
 
         # _seal_turn runs right after the turn's COMMIT returned.
         Broker._seal_turn = stamped("broker committed", Broker._seal_turn)
-        WalSyncer.sync = stamped("broker synced", WalSyncer.sync, after=True)
+        durability._datasync = stamped("broker synced", durability._datasync, after=True)
     elif role == "worker":
         from taskring.workers import pools
 

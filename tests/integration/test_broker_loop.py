@@ -173,27 +173,33 @@ def test_submit_is_acknowledged_after_commit_and_a_resend_creates_no_second_task
 def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(
     tmp_path, ctx, monkeypatch
 ):
-    # Given a broker in "full" mode whose WAL syncs note what the client had received
+    # Given a broker in "full" mode whose WAL syncs and sends are noted, in order
     b = make_broker(tmp_path, ctx, synchronous="full")
-    c = client(ctx, b)
-    real = os.fdatasync if hasattr(os, "fdatasync") else os.fsync
-    syncs: list[bool] = []
+    real_sync = os.fdatasync if hasattr(os, "fdatasync") else os.fsync
+    real_send = p.send_frames
+    steps: list[str] = []
 
-    def noting(fd: int) -> None:
-        syncs.append(bool(c.socket.poll(0)))  # one thread: the test's, which runs the loop
-        real(fd)
+    def noted_sync(fd: int) -> None:
+        steps.append("sync")
+        real_sync(fd)
 
-    monkeypatch.setattr("taskring.broker.durability._datasync", noting)
+    def noted_send(socket: Any, parts: Any, flags: int = 0) -> None:
+        steps.append(f"send {parts[2].decode()}")
+        real_send(socket, parts, flags)
+
+    monkeypatch.setattr("taskring.broker.durability._datasync", noted_sync)
+    monkeypatch.setattr(p, "send_frames", noted_send)
     try:
         # When a client submits, and another asks about the task (a turn that writes nothing)
+        c = client(ctx, b)
         c.request(p.SUBMIT, {"tasks": [task()]})
         assert c.expect(b, 0.0, p.REPLY)["ids"] == [1]
         other = client(ctx, b, b"c-other")
         other.request(p.GET, {"ids": [1]})
         assert other.expect(b, 0.0, p.REPLY)["tasks"][0]["state"] == "queued"
-        # Then the commit was synced once, in the loop's own thread, before its REPLY left,
-        # and the turn that wrote nothing synced nothing
-        assert syncs == [False]
+        # Then the commit was synced once, before its REPLY left, and the turn that
+        # wrote nothing synced nothing
+        assert steps == ["sync", "send REPLY", "send REPLY"]
         assert b.store.durable == b.store.generation == 1
     finally:
         b.close()
@@ -214,7 +220,9 @@ def test_a_failed_wal_sync_stops_the_broker_and_sends_nothing(tmp_path, ctx, mon
         with pytest.raises(sqlite3.OperationalError, match="fsync of the task log failed"):
             for _ in range(200):
                 b.poll_once(now=0.0, timeout_s=0.01)
-        # And the submit was never acknowledged
+        # And the submit was never acknowledged, even by a later turn: one failure is final
+        with pytest.raises(sqlite3.OperationalError, match="fsync of the task log failed"):
+            b.poll_once(now=0.0, timeout_s=0.01)
         assert not c.socket.poll(50)
     finally:
         b.close()

@@ -111,6 +111,12 @@ def test_a_refused_sync_is_a_database_error(tmp_path, monkeypatch):
     with pytest.raises(sqlite3.OperationalError, match="fsync of the task log failed"):
         s.sync()
     assert s.durable == 0
+    # And it stays refused though the disk answers again: after a failed fsync the
+    # kernel may have dropped the pages, and a later fsync can report success
+    monkeypatch.setattr("taskring.broker.durability._datasync", lambda fd: None)
+    with pytest.raises(sqlite3.OperationalError, match="Input/output error"):
+        s.sync()
+    assert s.durable == 0
     s.close()
 
 

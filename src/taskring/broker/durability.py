@@ -37,18 +37,31 @@ class WalSyncer:
         # Read-write because some systems refuse fsync on a read-only descriptor;
         # nothing is ever written through it. No O_CREAT: SQLite owns the file.
         self._fd = os.open(real_db + "-wal", os.O_RDWR)
-        # A broker killed before its last sync left commits that SQLite now
-        # reads back from the page cache: make them durable before anything is
-        # answered from them (this process starts counting generations at 0).
-        _datasync(self._fd)
-        _fsync_path(real_db)
-        _fsync_path(os.path.dirname(real_db))  # the WAL may be new since the last sync
+        try:
+            # A broker killed before its last sync left commits that SQLite now
+            # reads back from the page cache: make them durable before anything
+            # is answered from them (this process starts counting generations at 0).
+            _datasync(self._fd)
+            _fsync_path(real_db)
+            _fsync_path(os.path.dirname(real_db))  # the WAL may be new since the last sync
+        except OSError:
+            os.close(self._fd)
+            raise
         self.synced = 0  # every commit up to this generation is on disk
+        # After a failed fsync, Linux may have dropped the pages it could not
+        # write and report the next fsync as a success: one failure is final.
+        self.error: OSError | None = None
 
     def sync(self, generation: int) -> None:
         """Make every commit up to `generation` durable; OSError if the disk refuses."""
+        if self.error is not None:
+            raise self.error
         if generation > self.synced:
-            _datasync(self._fd)
+            try:
+                _datasync(self._fd)
+            except OSError as e:
+                self.error = e
+                raise
             self.synced = generation
 
     def close(self) -> None:

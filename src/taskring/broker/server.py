@@ -40,10 +40,12 @@ COMPLAINT_INTERVAL_S = 10.0  # one log line per misbehaving peer per interval
 # Tasks with a NOTIFY watch at once: a million queued and watched tasks would
 # otherwise cost the broker hundreds of MB (bench/deep_queue.py).
 MAX_WATCHED_TASKS = 100_000
-# Turns whose messages may wait for the WAL sync before the loop stops reading.
 # Attempts a worker says never started are not counted, up to this many per task:
 # a worker that refuses a task forever must not keep it circling forever.
 MAX_SPARED = 100
+
+# A message as read: its frames, and with CURVE the sender's public key.
+Received = tuple[list[bytes], str | None]
 CANCEL_REASON = "cancelled by a client"
 
 
@@ -176,7 +178,7 @@ class Broker:
             log.info("allowed keys reloaded: %d", len(self._allowed))
         # Rounded up: a timer 0.4 ms away must not become a poll(0) spin.
         ready = dict(self.poller.poll(max(0, math.ceil(timeout_s * 1000))))
-        messages: list[tuple[list[bytes], str | None]] = []
+        messages: list[Received] = []
         if self.socket in ready:
             for _ in range(self.settings.max_messages_per_turn):
                 try:
@@ -185,6 +187,18 @@ class Broker:
                     break
         now = time.monotonic() if now is None else now
         wall = wall_clock()
+        try:
+            self._turn(messages, now, wall)
+        except BaseException:
+            # Nothing of a turn that did not commit and sync may ever leave.
+            self._outbox, self._notices = [], {}
+            raise
+        self._send_outbox()
+        self._send_heartbeats(now)
+        return len(messages)
+
+    def _turn(self, messages: list[Received], now: float, wall: float) -> None:
+        """Apply the messages, commit, and make the commit durable."""
         with self.store.turn():
             for parts, key in messages:
                 if self.curve is not None and key not in self._allowed:
@@ -199,11 +213,8 @@ class Broker:
             self._flush_writes(wall)
         self._seal_turn()
         self.store.sync()  # before anything leaves that tells of the turn's commit
-        self._send_outbox()
-        self._send_heartbeats(now)
-        return len(messages)
 
-    def _recv(self) -> tuple[list[bytes], str | None]:
+    def _recv(self) -> Received:
         """One message, and with CURVE the sender's public key (Z85) from ZAP's User-Id."""
         if self.curve is None:
             return p.recv_frames(self.socket, p.NOBLOCK), None
