@@ -745,6 +745,9 @@ def decode_worker_disconnect(
 
 # ---------------------------------------------------------------- task views
 
+# In the detail of a `retried` event whose attempt is not counted against max_attempts.
+SPARED_NOTE = "not counted against max_attempts"
+
 
 def task_view(row: Mapping[str, Any]) -> dict[str, Any]:
     """The public fields of a task, as REPLY and NOTIFY carry them."""

@@ -18,7 +18,7 @@ from taskring.broker.store import Store
 from taskring.chaos import ChaosConfig, make_schedule
 from taskring.cli import app
 from taskring.cli.common import ExitCode
-from taskring.verify import VerifyError, check, format_report
+from taskring.verify import VerifyError, check, format_report, load_history
 
 runner = CliRunner()
 
@@ -41,6 +41,8 @@ class Log:
         attempt: int | None = None,
         checkpoint_no: int | None = None,
         name: str = "chaos.short",
+        max_attempts: int = 5,
+        spared: int = 0,
     ) -> None:
         """A task with its events; the row's fields default to what the events imply."""
         leases = [e[1] for e in events if e[0] == "leased"]
@@ -53,13 +55,16 @@ class Log:
         with self.store.turn():
             conn.execute(
                 "INSERT INTO tasks (id, name, payload, state, attempt, max_attempts,"
-                " checkpoint_no, created_at, updated_at) VALUES (?, ?, x'9290', ?, ?, 5, ?, 1, 1)",
+                " checkpoint_no, spared, created_at, updated_at)"
+                " VALUES (?, ?, x'9290', ?, ?, ?, ?, ?, 1, 1)",
                 (
                     tid,
                     name,
                     state or implied,
                     attempt if attempt is not None else max(leases, default=0),
+                    max_attempts,
                     checkpoint_no if checkpoint_no is not None else max(numbers, default=0),
+                    spared,
                 ),
             )
             for e in events:
@@ -389,6 +394,33 @@ def test_a_change_after_a_final_state_is_inconsistent(log):
     )
 
 
+SPARED = "worker w1 lost; not counted against max_attempts: it was likely still waiting"
+
+
+def test_spared_attempts_must_agree_with_their_events(log):
+    # Given a task whose events spare one attempt, and rows that say one and none
+    events = [("submitted", 0), ("leased", 1), ("retried", 1, SPARED), *ran()[1:]]
+    events[3:] = [("leased", 2), ("succeeded", 2)]
+    log.task(1, events, spared=1)
+    log.task(2, events, spared=0)
+    # Then only the second disagrees
+    assert messages(check(log.path), "inconsistent") == [
+        "task 2 has 0 spared attempts; its events spare 1"
+    ]
+
+
+def test_a_task_dead_before_its_counted_attempts_ran_out_is_inconsistent(log):
+    # Given two tasks of two attempts, dead after two leases, one of them spared
+    lost = [("leased", 1), ("retried", 1, SPARED), ("leased", 2)]
+    log.task(1, [("submitted", 0), *lost, ("dead", 2)], max_attempts=2, spared=1)
+    log.task(2, [("submitted", 0), ("leased", 1), ("retried", 1), ("leased", 2), ("dead", 2)],
+             max_attempts=2)  # fmt: skip
+    # Then the one that had only one counted attempt should not be dead
+    assert messages(check(log.path), "inconsistent") == [
+        "task 1 is dead after 1 counted attempts of 2"
+    ]
+
+
 def test_a_task_without_its_submitted_event_is_inconsistent(log):
     log.task(1, ran()[1:])
     assert "task 1 has no submitted event first" in messages(check(log.path), "inconsistent")
@@ -496,3 +528,13 @@ def test_a_seed_names_one_schedule():
     assert all(0 < f.at_s < 59 for f in a)
     assert {f.target for f in a} <= {"broker", "w1", "w2", "w3"}
     assert all(f.action == "kill" for f in a if f.target == "broker")
+
+
+def test_a_log_from_before_spared_attempts_still_verifies(log):
+    # Given a clean log whose tasks table has no spared column (migrated before m002)
+    log.task(1, ran())
+    log.store.conn.execute("ALTER TABLE tasks DROP COLUMN spared")
+    log.close()
+    # Then it verifies clean, every task taken as spared nothing
+    assert check(log.path).violations == []
+    assert load_history(log.path, (), ()).tasks[1].spared == 0

@@ -834,7 +834,7 @@ class Broker:
             why = "it was likely still waiting for a slot"
         if spare:
             job.spared += 1
-            reason += f"; not counted against max_attempts: {why}"
+            reason += f"; {p.SPARED_NOTE}: {why}"
         if job.attempt - job.spared >= job.max_attempts:
             counted = job.attempt - job.spared
             error = f"{reason}; gave up after {counted} of {job.max_attempts} attempts"

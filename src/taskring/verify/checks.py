@@ -13,7 +13,8 @@ import collections
 import dataclasses
 from collections.abc import Iterator, Sequence
 
-from taskring.verify.history import Event, History
+from taskring.protocol import SPARED_NOTE
+from taskring.verify.history import Event, History, Task
 
 LOST = "lost"
 DUPLICATED = "duplicated"
@@ -339,4 +340,19 @@ def check_consistency(h: History) -> list[Violation]:
                     f"task {tid} has attempt {task.attempt}; its last lease is attempt {attempt}",
                 )
             )
+        found += _check_spared(task, events)
+    return found
+
+
+def _check_spared(task: Task, events: Sequence[Event]) -> list[Violation]:
+    """Spared attempts agree with their events, and a dead task used up its attempts."""
+    found = []
+    spared = sum(e.kind == "retried" and SPARED_NOTE in (e.detail or "") for e in events)
+    if task.spared != spared:
+        message = f"task {task.id} has {task.spared} spared attempts; its events spare {spared}"
+        found.append(Violation(INCONSISTENT, task.id, message))
+    counted = task.attempt - task.spared
+    if task.state == "dead" and counted < task.max_attempts:
+        message = f"task {task.id} is dead after {counted} counted attempts of {task.max_attempts}"
+        found.append(Violation(INCONSISTENT, task.id, message))
     return found

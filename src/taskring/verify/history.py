@@ -35,6 +35,7 @@ class Task:
     attempt: int
     max_attempts: int
     checkpoint_no: int
+    spared: int  # 0 in a log from before spared attempts
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,10 +170,12 @@ def _read_log(path: Path) -> tuple[dict[int, Task], dict[int, list[Event]], str]
         if not {"tasks", "events"} <= tables:
             raise VerifyError(f"{path} is not a taskring database (no tasks and events tables)")
         integrity = "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+        spared = "spared" if "spared" in columns else "0"
         tasks = {
             row[0]: Task(*row)
             for row in conn.execute(
-                "SELECT id, name, state, attempt, max_attempts, checkpoint_no FROM tasks"
+                f"SELECT id, name, state, attempt, max_attempts, checkpoint_no, {spared} FROM tasks"
             )
         }
         events: dict[int, list[Event]] = {}
