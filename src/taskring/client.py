@@ -324,11 +324,15 @@ class Client:
         name: str | None = None,
         limit: int = 50,
         before_id: int | None = None,
+        *,
+        results: bool = True,
     ) -> list[TaskInfo]:
         """Up to `limit` tasks newest first, optionally of one state or name; page with before_id.
 
         The broker cuts a REPLY short where its views would outgrow a message
         and says so (`more`); this then asks again below the lowest id it got.
+        `results` False: the views come without results (`value` is None), so
+        a page of tasks with large results stays small.
         """
         if not 1 <= limit <= _LIMITS.max_batch:
             raise ValueError(f"limit must be 1..{_LIMITS.max_batch}")
@@ -339,6 +343,7 @@ class Client:
                 "name": name,
                 "limit": limit - len(tasks),
                 "before_id": before_id,
+                "results": results,
             }
             reply = self._request(protocol.TASKS, body)
             views = reply.get("tasks")

@@ -452,6 +452,7 @@ class ListTasks:
     name: str | None
     limit: int
     before_id: int | None
+    results: bool  # False: views without their results, which may be 1 MiB each
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -545,6 +546,7 @@ def decode_tasks(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Li
         name=_text(body, "name", limits.max_name_len, optional=True),
         limit=limit,
         before_id=_count(body, "before_id") if body.get("before_id") is not None else None,
+        results=bool(_optional(body, "results", bool, True)),
     )
 
 

@@ -692,6 +692,12 @@ def test_get_and_tasks_answer_only_as_many_views_as_fit_in_one_message(tmp_path,
         c.request(p.TASKS, {"limit": 5})
         listed = c.expect(broker, 0.0, p.REPLY)["tasks"]
         assert 1 <= len(listed) < 5 and [v["id"] for v in listed] == ids[::-1][: len(listed)]
+        # And a listing without results holds all 5, every other field as it was
+        c.request(p.TASKS, {"limit": 5, "results": False})
+        reply = c.expect(broker, 0.0, p.REPLY)
+        assert [v["id"] for v in reply["tasks"]] == ids[::-1] and reply["more"] is False
+        assert all(v["result"] is None and v["state"] == "succeeded" for v in reply["tasks"])
+        assert reply["tasks"][: len(listed)] == [{**v, "result": None} for v in listed]
     finally:
         broker.close()
 

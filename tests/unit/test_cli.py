@@ -332,6 +332,7 @@ def test_tasks_and_history_render(serve):
     listed = runner.invoke(app, ["tasks", "--state", "running", "-e", broker.endpoint])
     assert listed.exit_code == 0, listed.output
     assert broker.received[0][1]["state"] == "running"
+    assert broker.received[0][1]["results"] is False  # the table shows none
     assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["2", "1"]
     # And attempts that did not start are shown apart from the counted ones
     assert "5/3 (2 not counted)" in listed.stdout.splitlines()[1]

@@ -585,14 +585,14 @@ def test_broker_status_history_and_list(client, broker, in_thread):
 
 
 def test_list_tasks_asks_again_after_a_reply_cut_short_by_size(client, broker, in_thread):
-    # Given a listing of 5 tasks the broker cuts short after 2 (large results)
-    pending = in_thread(client.list_tasks, limit=5)
+    # Given a listing of 5 tasks without results that the broker cuts short after 2
+    pending = in_thread(client.list_tasks, limit=5, results=False)
     identity, _, body = broker.recv()
-    assert (body["limit"], body["before_id"]) == (5, None)
+    assert (body["limit"], body["before_id"], body["results"]) == (5, None, False)
     broker.reply(identity, body["seq"], tasks=[view(9), view(8)], more=True)
     # When the client asks again, it asks for the rest, below the last id it got
     identity, _, body = broker.recv()
-    assert (body["limit"], body["before_id"]) == (3, 8)
+    assert (body["limit"], body["before_id"], body["results"]) == (3, 8, False)
     broker.reply(identity, body["seq"], tasks=[view(6)], more=False)
     # Then a REPLY that was not cut short ends it, and it has every task in order
     assert [t.id for t in pending.result(timeout=5)] == [9, 8, 6]
@@ -602,6 +602,7 @@ def test_list_tasks_asks_again_after_a_reply_cut_short_by_size(client, broker, i
 def test_list_tasks_asks_once_when_fewer_tasks_match(client, broker, in_thread):
     pending = in_thread(client.list_tasks, limit=5)
     identity, _, body = broker.recv()
+    assert body["results"] is True  # by default the views carry results
     broker.reply(identity, body["seq"], tasks=[view(2)])  # no `more`, as older brokers
     assert [t.id for t in pending.result(timeout=5)] == [2]
     assert broker.quiet(0.2)

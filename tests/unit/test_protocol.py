@@ -213,8 +213,14 @@ def test_tasks_round_trip_and_defaults() -> None:
     full = p.decode_tasks(received(p.PROTOCOL_CLIENT, p.TASKS, GOOD["tasks"][2]()).body)
     bare = p.decode_tasks(received(p.PROTOCOL_CLIENT, p.TASKS, {"seq": 6}).body)
     # Then the filters come through, and the defaults are no filter and 50 tasks
-    assert full == p.ListTasks(seq=4, state="failed", name="shop.crop", limit=20, before_id=99)
-    assert bare == p.ListTasks(seq=6, state=None, name=None, limit=50, before_id=None)
+    assert full == p.ListTasks(
+        seq=4, state="failed", name="shop.crop", limit=20, before_id=99, results=True
+    )
+    assert bare == p.ListTasks(seq=6, state=None, name=None, limit=50, before_id=None, results=True)
+    # And results can be left out, with a bool only
+    assert p.decode_tasks({"seq": 7, "results": False}).results is False
+    with rejected(p.E_BAD_BODY, "results"):
+        p.decode_tasks({"seq": 7, "results": 0})
 
 
 @pytest.mark.parametrize("state", p.ALL_STATES)

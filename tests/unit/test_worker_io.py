@@ -271,20 +271,27 @@ def test_disconnect_from_the_broker_gets_a_new_ready(broker: FakeBroker, start: 
     assert protocol.unpack(results[5]["value"]) == "disc"
 
 
+def stop_with_two_waiting(
+    broker: FakeBroker, start: Start, gate: str
+) -> tuple[WorkerThread, int, dict[int, dict[str, Any]]]:
+    """A worker running task 1, with 2 and 3 waiting for its one slot, asked to stop:
+    the worker, and the seq and outcomes of its next RESULT."""
+    w = start(concurrency=1, prefetch=2)
+    broker.register()
+    broker.dispatch(*(assignment(i, "wt.wait", gate) for i in (1, 2, 3)))
+    assert worker_tasks.gate(f"{gate}:started").wait(5)
+    w.worker.stop()
+    return (w, *broker.result())
+
+
 def test_a_stopping_worker_hands_back_the_tasks_waiting_for_a_slot(
     broker: FakeBroker, start: Start
 ) -> None:
-    # Given a worker that runs one task and holds two more waiting behind it
-    w = start(concurrency=1, prefetch=2)
-    broker.register()
-    broker.dispatch(*(assignment(i, "wt.wait", "handback") for i in (1, 2, 3)))
-    assert worker_tasks.gate("handback:started").wait(5)
-    # When asked to stop
-    w.worker.stop()
-    # Then the two waiting ones go back at once, unstarted, so no attempt is used, and
-    # only after the broker was told that the worker drains: else it could lease them
-    # straight back to this worker
-    seq, results = broker.result()
+    # Given a worker that runs one task and holds two more waiting behind it, When asked
+    # to stop, Then the two waiting ones go back at once, unstarted, so no attempt is
+    # used, and only after the broker was told that the worker drains: else it could
+    # lease them straight back to this worker
+    w, seq, results = stop_with_two_waiting(broker, start, "handback")
     assert [body.get("draining") for _, body in broker.heartbeats][-1] is True
     assert sorted(results) == [2, 3]
     for outcome in results.values():
@@ -304,12 +311,7 @@ def test_after_registering_again_a_stopping_worker_says_it_drains_before_handing
     broker: FakeBroker, start: Start
 ) -> None:
     # Given a stopping worker that has handed back what waited, its one slot busy
-    w = start(concurrency=1, prefetch=2)
-    broker.register()
-    broker.dispatch(*(assignment(i, "wt.wait", "again") for i in (1, 2, 3)))
-    assert worker_tasks.gate("again:started").wait(5)
-    w.worker.stop()
-    seq, results = broker.result()
+    w, seq, results = stop_with_two_waiting(broker, start, "again")
     assert sorted(results) == [2, 3]
     broker.ack(seq)
     # When the broker forgets it, and sends a task before it welcomes it back

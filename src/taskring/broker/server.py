@@ -486,7 +486,9 @@ class Broker:
 
     def _on_tasks(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_tasks(envelope.body, self.limits)
-        rows = self.store.list_tasks(request.state, request.name, request.limit, request.before_id)
+        rows = self.store.list_tasks(
+            request.state, request.name, request.limit, request.before_id, results=request.results
+        )
         views = p.first_message([p.task_view(r) for r in rows], _view_bytes, self.limits)
         # `more`: cut short by size, so fewer than `limit` listed though more match.
         more = len(views) < len(rows)
@@ -791,22 +793,10 @@ class Broker:
         if worker is not None:
             worker.leases.pop(task_id, None)
 
-    def _lease_lost(
-        self,
-        lease: Lease,
-        reason: str,
-        wall: float,
-        *,
-        started: bool = True,
-        waiting: bool = False,
-    ) -> None:
-        """The attempt ended without a result.
-
-        `started` False: its worker never had the task. `waiting`: the task was
-        likely still waiting for a slot in a worker that is gone.
-        """
+    def _lease_lost(self, lease: Lease, reason: str, wall: float, *, waiting: bool = False) -> None:
+        """The attempt ended without a result; `waiting`: it likely never started."""
         self._end_lease(lease)
-        self._retry(lease, reason, wall, started=started, waiting=waiting)
+        self._retry(lease, reason, wall, waiting=waiting)
 
     def _retry(
         self,

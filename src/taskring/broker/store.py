@@ -111,6 +111,8 @@ VIEW_COLUMNS = (
     "id, name, state, key, attempt, max_attempts, spared, worker, result, error, created_at,"
     " updated_at"
 )
+# The same without reading the results, which may be 1 MiB each.
+VIEW_COLUMNS_NO_RESULT = VIEW_COLUMNS.replace(" result,", " NULL AS result,")
 
 _INSERT_TASK = (
     "INSERT INTO tasks (id, name, payload, key, state, attempt, max_attempts, client,"
@@ -363,8 +365,15 @@ class Store:
         return rows[0] if rows else None
 
     def list_tasks(
-        self, state: str | None, name: str | None, limit: int, before_id: int | None
+        self,
+        state: str | None,
+        name: str | None,
+        limit: int,
+        before_id: int | None,
+        *,
+        results: bool = True,
     ) -> list[Row]:
+        """Views of tasks newest first; `results` False reads every result as NULL."""
         where: list[str] = []
         params: list[Any] = []
         for column, value in (("state", state), ("name", name)):
@@ -375,8 +384,9 @@ class Store:
             where.append("id < ?")
             params.append(before_id)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
+        columns = VIEW_COLUMNS if results else VIEW_COLUMNS_NO_RESULT
         return self._rows(
-            f"SELECT {VIEW_COLUMNS} FROM tasks{clause} ORDER BY id DESC LIMIT ?", (*params, limit)
+            f"SELECT {columns} FROM tasks{clause} ORDER BY id DESC LIMIT ?", (*params, limit)
         )
 
     def history(self, task_id: int, after: int = 0, limit: int = -1) -> list[Row]:

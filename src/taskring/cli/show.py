@@ -100,8 +100,12 @@ def tasks(
     """List tasks, newest first."""
     setup_logging(log_level)
     with connect(endpoint, timeout) as client:
-        found = client.list_tasks(
-            state=state.value if state else None, name=name, limit=limit, before_id=before_id
+        found = client.list_tasks(  # the table shows no results: leave them on the broker
+            state=state.value if state else None,
+            name=name,
+            limit=limit,
+            before_id=before_id,
+            results=False,
         )
     if not found:
         typer.echo("no tasks")
