@@ -60,7 +60,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.prefetch is None:  # shown in the report, so it is the worker's default spelled out
-        args.prefetch = WorkerSettings(concurrency=args.concurrency).prefetch
+        args.prefetch = WorkerSettings(concurrency=args.concurrency).prefetched
     return args
 
 

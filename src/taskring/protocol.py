@@ -586,7 +586,9 @@ class TaskOutcome(NamedTuple):
     value: bytes | None  # msgpack of the return value when ok
     error: str | None
     retry: bool  # False for errors that another attempt cannot fix
-    started: bool = True  # False: handed back unrun (a stopping worker's waiting task)
+    # False: the worker hands the task back unrun (it was stopping, at capacity, or
+    # the lease went stale while the task waited for a slot).
+    started: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -747,7 +749,8 @@ def decode_worker_disconnect(
 
 # ---------------------------------------------------------------- task views
 
-# In the detail of a `retried` event whose attempt is not counted against max_attempts.
+# How the detail of a `retried` event begins when its attempt is not counted
+# against max_attempts.
 SPARED_NOTE = "not counted against max_attempts"
 
 

@@ -89,10 +89,10 @@ def test_full_commits_are_numbered_and_become_durable_through_an_fsync_of_the_wa
         s.queued(0, 10)
     # Then only the writing turn is a new generation, and it becomes durable
     # through an fsync of the WAL file itself
-    assert s.generation == 1 and s.durable == 0
+    assert s.generation == 1 and s.syncer.synced == 0
     synced_inodes.clear()
     s.sync()
-    assert s.durable == 1
+    assert s.syncer.synced == 1
     assert synced_inodes == [os.stat(tmp_path / "t.db-wal").st_ino]
     # And a sync with no commit since the last one does not touch the disk
     s.sync()
@@ -110,13 +110,13 @@ def test_a_refused_sync_is_a_database_error(tmp_path, monkeypatch):
     monkeypatch.setattr("taskring.broker.durability._datasync", failing)
     with pytest.raises(sqlite3.OperationalError, match="fsync of the task log failed"):
         s.sync()
-    assert s.durable == 0
+    assert s.syncer is not None and s.syncer.synced == 0
     # And it stays refused though the disk answers again: after a failed fsync the
     # kernel may have dropped the pages, and a later fsync can report success
     monkeypatch.setattr("taskring.broker.durability._datasync", lambda fd: None)
     with pytest.raises(sqlite3.OperationalError, match="Input/output error"):
         s.sync()
-    assert s.durable == 0
+    assert s.syncer is not None and s.syncer.synced == 0
     s.close()
 
 
@@ -140,15 +140,18 @@ def test_a_full_store_finds_the_wal_of_a_database_reached_through_a_symlink(tmp_
     s = Store(tmp_path / "link.db", synchronous="full")
     add_task(s)
     s.sync()
-    assert s.durable == s.generation == 1
+    assert s.syncer is not None and s.syncer.synced == s.generation == 1
     assert (tmp_path / "real" / "t.db-wal").exists()
     s.close()
 
 
-def test_normal_commits_count_as_durable_at_once(tmp_path):
+def test_normal_commits_are_never_synced(tmp_path, monkeypatch):
+    synced: list[int] = []
+    monkeypatch.setattr("taskring.broker.durability._datasync", synced.append)
     s = Store(tmp_path / "t.db", synchronous="normal")
     add_task(s)
-    assert s.syncer is None and s.generation == s.durable == 1
+    s.sync()
+    assert s.syncer is None and s.generation == 1 and synced == []
     s.close()
 
 

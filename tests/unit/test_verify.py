@@ -394,7 +394,7 @@ def test_a_change_after_a_final_state_is_inconsistent(log):
     )
 
 
-SPARED = "worker w1 lost; not counted against max_attempts: it was likely still waiting"
+SPARED = "not counted against max_attempts (it was likely still waiting): worker w1 lost"
 
 
 def test_spared_attempts_must_agree_with_their_events(log):
@@ -407,6 +407,14 @@ def test_spared_attempts_must_agree_with_their_events(log):
     assert messages(check(log.path), "inconsistent") == [
         "task 2 has 0 spared attempts; its events spare 1"
     ]
+
+
+def test_a_task_s_own_error_text_does_not_pass_for_a_spared_attempt(log):
+    # Given a task retried after an error that quotes a spared attempt's detail
+    quoted = f"ValueError: upstream said {SPARED}"
+    log.task(1, [("submitted", 0), ("leased", 1), ("retried", 1, quoted), *ran(attempt=2)[1:]])
+    # Then its attempt was counted, and the log is consistent
+    assert messages(check(log.path), "inconsistent") == []
 
 
 def test_a_task_dead_before_its_counted_attempts_ran_out_is_inconsistent(log):

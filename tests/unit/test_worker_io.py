@@ -298,6 +298,13 @@ def test_a_stopping_worker_hands_back_the_tasks_waiting_for_a_slot(
         assert (outcome["ok"], outcome["retry"], outcome["started"]) == (False, True, False)
         assert "stopped before it started the task" in outcome["error"]
     broker.ack(seq)
+    # And a TASK that arrives now is refused unstarted, and held until its outcome is
+    # ACKed, as every task is: a HEARTBEAT without it would say the TASK never came
+    broker.dispatch(assignment(7, "wt.add", 1, 1))
+    seq, results = broker.result()
+    assert list(results) == [7] and results[7]["started"] is False
+    assert [7, 1] in broker.last_held(after=time.monotonic())
+    broker.ack(seq)
     # And the running one finishes, its result flushed before the worker leaves
     worker_tasks.gate("handback").set()
     seq, results = broker.result()
@@ -330,6 +337,33 @@ def test_after_registering_again_a_stopping_worker_says_it_drains_before_handing
     worker_tasks.gate("again").set()
     assert broker.results_acked(1)[1]["ok"]
     assert broker.recv(protocol.DISCONNECT)["reason"] == "shutdown"
+    w.join(5)
+
+
+def test_a_stopping_worker_welcomed_with_smaller_limits_says_it_drains_before_resending(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a stopping worker whose hand-back of two waiting tasks is not ACKed yet
+    w, _, results = stop_with_two_waiting(broker, start, "cut")
+    assert sorted(results) == [2, 3]
+    # When the broker forgets it, and welcomes it back with a batch of one (so the
+    # hand-back is cut again and resent at once)
+    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
+    ready = broker.skip_to(protocol.READY)
+    welcomed_at = time.monotonic()
+    broker.welcome(ready["seq"], limits={"max_message_bytes": 1_048_576, "max_batch": 1})
+    # Then the HEARTBEAT that says it drains goes before the resent hand-backs
+    body = broker.skip_to(protocol.RESULT)
+    assert [b.get("draining") for at, b in broker.heartbeats if at > welcomed_at][:1] == [True]
+    done = {item["id"] for item in body["results"]}
+    broker.ack(body["seq"])
+    while done != {2, 3}:
+        body = broker.skip_to(protocol.RESULT)
+        done |= {item["id"] for item in body["results"]}
+        broker.ack(body["seq"])
+    worker_tasks.gate("cut").set()
+    assert broker.results_acked(1)[1]["ok"]
+    assert broker.skip_to(protocol.DISCONNECT)["reason"] == "shutdown"
     w.join(5)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import select
@@ -124,7 +125,10 @@ def test_settings_are_checked() -> None:
 @pytest.mark.parametrize(("concurrency", "prefetch"), [(1, 1), (8, 8), (500, 500), (600, 400)])
 def test_prefetch_defaults_to_concurrency_within_1000_held(concurrency: int, prefetch: int) -> None:
     settings = WorkerSettings(concurrency=concurrency)
-    assert (settings.prefetch, settings.capacity) == (prefetch, concurrency + prefetch)
+    assert (settings.prefetched, settings.capacity) == (prefetch, concurrency + prefetch)
+    # And the default follows a concurrency changed later
+    again = dataclasses.replace(settings, concurrency=2)
+    assert (again.prefetched, again.capacity) == (2, 4)
     assert WorkerSettings(name="w1").worker_name() == "w1"
     assert WorkerSettings().worker_name().endswith(f"-{__import__('os').getpid()}")
 

@@ -41,7 +41,8 @@ class WorkerState:
     # no longer holds it, or the task's stale RESULT is answered.
     cancelled: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
 
-    draining: bool = False  # stopping: finishes what it holds, gets nothing new
+    # Stopping: gets nothing new, finishes what it runs, hands back what it has not started.
+    draining: bool = False
 
     @property
     def held(self) -> int:

@@ -824,7 +824,8 @@ class Broker:
             why = "it was likely still waiting for a slot"
         if spare:
             job.spared += 1
-            reason += f"; {p.SPARED_NOTE}: {why}"
+            # First, so that no error text of the task's own can pass for it.
+            reason = f"{p.SPARED_NOTE} ({why}): {reason}"
         if job.attempt - job.spared >= job.max_attempts:
             counted = job.attempt - job.spared
             error = f"{reason}; gave up after {counted} of {job.max_attempts} attempts"

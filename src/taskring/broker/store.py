@@ -173,11 +173,6 @@ class Store:
                 self.db.close()
                 raise
 
-    @property
-    def durable(self) -> int:
-        """The last commit generation that is on disk (all of them, without a syncer)."""
-        return self.syncer.synced if self.syncer is not None else self.generation
-
     def sync(self) -> None:
         """Make every commit so far survive power loss (with synchronous="full")."""
         if self.syncer is not None:

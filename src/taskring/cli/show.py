@@ -37,8 +37,8 @@ class State(enum.StrEnum):
 
 
 def _attempts(info: TaskInfo) -> str:
-    counted = f"{info.attempt}/{info.max_attempts}"
-    return f"{counted} ({info.spared} not counted)" if info.spared else counted
+    attempts = f"{info.attempt}/{info.max_attempts}"
+    return f"{attempts} ({info.spared} not counted)" if info.spared else attempts
 
 
 def render_status(status: dict[str, Any]) -> str:

@@ -347,7 +347,7 @@ def check_consistency(h: History) -> list[Violation]:
 def _check_spared(task: Task, events: Sequence[Event]) -> list[Violation]:
     """Spared attempts agree with their events, and a dead task used up its attempts."""
     found = []
-    spared = sum(e.kind == "retried" and SPARED_NOTE in (e.detail or "") for e in events)
+    spared = sum(e.kind == "retried" and (e.detail or "").startswith(SPARED_NOTE) for e in events)
     if task.spared != spared:
         message = f"task {task.id} has {task.spared} spared attempts; its events spare {spared}"
         found.append(Violation(INCONSISTENT, task.id, message))

@@ -149,12 +149,16 @@ class IOLoop:
         clock = now if now is not None else time.monotonic()
         if self._socket is not None and self._socket in events:
             self._read_socket(clock)
-        if self.stopping and self._drain_announced:
-            # Only once the broker has read that this worker drains, or it could
-            # lease these tasks straight back to it.
-            self._hand_back(self._take_waiting())
         self._take_inbox(clock)
         self._run_timers(clock)
+        if self.stopping and self._drain_announced:
+            # Only once the HEARTBEAT that says this worker drains has gone (in
+            # _run_timers, or with a WELCOME), or the broker could lease these
+            # tasks straight back to it. At once after it: a slot that frees
+            # meanwhile would start one.
+            self._hand_back(self._take_waiting())
+            if self._finished:
+                self._send_results(clock)
 
     def _window_s(self) -> float:
         return self._heartbeat_s * self._liveness
@@ -207,6 +211,8 @@ class IOLoop:
             return
         if not self.welcomed and now >= self._ready_due:
             self._send_ready(now)
+        # The drain is told at once, not at the next beat: every TASK the broker
+        # sends from now on would only delay the stop.
         drain_news = self.stopping and not self._drain_announced
         if self.welcomed and (now >= self._heartbeat_due or drain_news):
             self._send_heartbeat(now)
@@ -217,8 +223,6 @@ class IOLoop:
     def _send_heartbeat(self, now: float) -> None:
         body: dict[str, Any] = {"dseq": self._dseq, "held": self._held_list()}
         if self.stopping:
-            # At once, not at the next beat: every TASK the broker sends from
-            # now on would only delay the stop.
             body["draining"] = True
         sent = self._send(protocol.frames(PROTOCOL_WORKER, protocol.HEARTBEAT, body))
         self._drain_announced = self.stopping and sent
@@ -352,11 +356,6 @@ class IOLoop:
         # The broker numbers TASK messages from here on; TASKs sent before this
         # WELCOME arrived before it on the same pipe.
         self._dseq = welcome.dseq
-        limits = _smaller(self.limits, welcome.limits)
-        if limits != self._send_limits:
-            self._use_limits(limits)
-            self._resend_on_welcome = False  # all of it goes below, cut anew
-            self._cut_again(now)
         self._heartbeat_s = welcome.heartbeat_s
         self._liveness = welcome.liveness
         self._outstanding.backoff = self._backoff()
@@ -371,6 +370,11 @@ class IOLoop:
             # Before any resend: a hand-back the broker read first would come
             # straight back to this worker, which it still takes as serving.
             self._send_heartbeat(now)
+        limits = _smaller(self.limits, welcome.limits)
+        if limits != self._send_limits:
+            self._use_limits(limits)
+            self._resend_on_welcome = False  # all of it goes below, cut anew
+            self._cut_again(now)
         if self._resend_on_welcome:
             self._resend_on_welcome = False
             for frames in self._outstanding.resend_all(now):
@@ -391,7 +395,10 @@ class IOLoop:
                 # The broker's credit should prevent this; never hold more than capacity.
                 reason = f"worker {self.name} is at capacity ({len(self.held)}); task not started"
             elif self._drain_announced:
-                # Sent before the broker read that this worker drains: another can run it.
+                # Sent before the broker read that this worker drains: another can run
+                # it. Held until its outcome is ACKed, as every task is: a HEARTBEAT
+                # without it would tell the broker the TASK never came.
+                self.held[key] = None
                 reason = f"worker {self.name} stopped before it started the task"
             else:
                 self.held[key] = None

@@ -25,9 +25,10 @@ class WorkerSettings:
     concurrency: int = 4
     # Tasks held beyond those running, queued in this process: the next task is
     # here when a slot frees, instead of a broker round trip (and, with full
-    # durability, a WAL sync) later. None: as many as `concurrency` (within the
-    # limit of 1000 held). The broker does not count an attempt that was lost
-    # with this worker while its task waited here (broker/server.py, _grant).
+    # durability, a WAL sync) later. None: as many as `concurrency`, within the
+    # limit of 1000 held (`prefetched`). An attempt lost with this worker while
+    # its task likely waited here is spared, within a cap (broker/server.py,
+    # _leases_lost and _retry).
     prefetch: int | None = None
     pool: Literal["thread", "process"] = "thread"
     name: str | None = None  # the ZeroMQ identity and ring key; default f"{host}-{pid}"
@@ -46,12 +47,7 @@ class WorkerSettings:
         # At most max_batch: every held lease must fit in one READY or HEARTBEAT.
         if not 1 <= self.concurrency <= 1000:
             raise WorkerConfigError(f"concurrency must be 1..1000, not {self.concurrency}")
-        prefetch = self.prefetch
-        if prefetch is None:
-            prefetch = min(self.concurrency, 1000 - self.concurrency)
-            # Frozen: __post_init__ is the one place a default can depend on another field.
-            object.__setattr__(self, "prefetch", prefetch)
-        if not 0 <= prefetch <= 1000 - self.concurrency:
+        if not 0 <= self.prefetched <= 1000 - self.concurrency:
             raise WorkerConfigError(
                 f"prefetch must be 0..{1000 - self.concurrency} (concurrency + prefetch "
                 f"at most 1000), not {self.prefetch}"
@@ -69,10 +65,16 @@ class WorkerSettings:
             raise WorkerConfigError("modules must be a tuple of module names, not a string")
 
     @property
+    def prefetched(self) -> int:
+        """Tasks held waiting beyond those running: `prefetch`, or its default."""
+        if self.prefetch is None:
+            return min(self.concurrency, 1000 - self.concurrency)
+        return self.prefetch
+
+    @property
     def capacity(self) -> int:
         """Tasks this worker holds at most, as READY announces it: running plus prefetched."""
-        assert self.prefetch is not None  # set in __post_init__
-        return self.concurrency + self.prefetch
+        return self.concurrency + self.prefetched
 
     def worker_name(self) -> str:
         """The name this worker registers under: `name`, or f"{host}-{pid}"."""
