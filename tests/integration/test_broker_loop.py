@@ -797,9 +797,7 @@ def test_a_task_its_worker_hands_back_unstarted_keeps_its_attempts(broker, ctx):
     (task_id,) = submit(client(ctx, broker), broker, 0.0, [task(max_attempts=1)])
     w.expect(broker, 0.0, p.TASK)
     # When the worker hands it back, never started
-    item = {"id": task_id, "attempt": 1, "ok": False, "error": "stopping", "started": False}
-    w.request(p.RESULT, {"results": [item]})
-    assert w.expect(broker, 0.0, p.ACK)["stale"] == []
+    hand_back(w, broker, task_id, 1)
     # Then it is queued again, not dead, and leased again at once
     got = w.expect(broker, 0.0, p.TASK)["tasks"][0]
     assert (got["id"], got["attempt"]) == (task_id, 2)

@@ -10,6 +10,8 @@ import os
 import time
 from typing import Any
 
+from lease_polling import lease_lost_within
+
 from taskring import task
 
 
@@ -63,10 +65,5 @@ def poison(log_path: str) -> None:
 
 @task
 def until_lease_lost(ctx: Any, seconds: float) -> bool:
-    """Poll ctx.lease_lost without checkpointing; True if it turned within `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if ctx.lease_lost:
-            return True
-        time.sleep(0.01)
-    return False
+    """True if ctx.lease_lost turned within `seconds`, without a checkpoint."""
+    return lease_lost_within(ctx, seconds)

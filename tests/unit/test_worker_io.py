@@ -284,6 +284,29 @@ def stop_with_two_waiting(
     return (w, *broker.result())
 
 
+def admit_again(broker: FakeBroker, *before_welcome: dict[str, Any], **welcome: Any) -> float:
+    """Forget the worker, send `before_welcome` TASKs once it asks to register again,
+    then welcome it (with `welcome` fields); the time of the WELCOME."""
+    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
+    ready = broker.skip_to(protocol.READY)  # a resend of a hand-back may come first
+    if before_welcome:
+        broker.dispatch(*before_welcome)
+    welcomed_at = time.monotonic()
+    broker.welcome(ready["seq"], **welcome)
+    return welcomed_at
+
+
+def finish_and_leave(broker: FakeBroker, w: WorkerThread, gate: str) -> dict[str, Any]:
+    """Let task 1 finish: its outcome, ACKed (past any resend of another), once the
+    worker has said goodbye and returned."""
+    worker_tasks.gate(gate).set()
+    while 1 not in (done := broker.results_acked(1)):
+        pass
+    assert broker.skip_to(protocol.DISCONNECT)["reason"] == "shutdown"
+    w.join(5)
+    return done[1]
+
+
 def test_a_stopping_worker_hands_back_the_tasks_waiting_for_a_slot(
     broker: FakeBroker, start: Start
 ) -> None:
@@ -305,16 +328,9 @@ def test_a_stopping_worker_hands_back_the_tasks_waiting_for_a_slot(
     assert list(results) == [7] and results[7]["started"] is False
     assert [7, 1] in broker.last_held(after=time.monotonic())
     broker.ack(seq)
-    # And the running one finishes, its result flushed before the worker leaves (after
-    # any resend of the refusal, sent while the test waited for a heartbeat)
-    worker_tasks.gate("handback").set()
-    seq, results = broker.result()
-    while list(results) == [7]:
-        seq, results = broker.result()
-    assert list(results) == [1] and results[1]["ok"] and "started" not in results[1]
-    broker.ack(seq)
-    assert broker.skip_to(protocol.DISCONNECT)["reason"] == "shutdown"
-    w.join(5)
+    # And the running one finishes, its result flushed before the worker leaves
+    outcome = finish_and_leave(broker, w, "handback")
+    assert outcome["ok"] and "started" not in outcome
 
 
 def test_after_registering_again_a_stopping_worker_says_it_drains_before_handing_back(
@@ -325,11 +341,7 @@ def test_after_registering_again_a_stopping_worker_says_it_drains_before_handing
     assert sorted(results) == [2, 3]
     broker.ack(seq)
     # When the broker forgets it, and sends a task before it welcomes it back
-    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
-    ready = broker.skip_to(protocol.READY)  # a resend of the hand-back may come first
-    broker.dispatch(assignment(4, "wt.wait", "again"))
-    welcomed_at = time.monotonic()
-    broker.welcome(ready["seq"])
+    welcomed_at = admit_again(broker, assignment(4, "wt.wait", "again"))
     # Then it hands that task back only after a HEARTBEAT that says it drains: the
     # broker takes a worker that registers as one that serves, and would lease the
     # task straight back to it
@@ -337,12 +349,7 @@ def test_after_registering_again_a_stopping_worker_says_it_drains_before_handing
     assert list(results) == [4] and results[4]["started"] is False
     assert [body.get("draining") for at, body in broker.heartbeats if at > welcomed_at] == [True]
     broker.ack(seq)
-    worker_tasks.gate("again").set()
-    while 1 not in (done := broker.results_acked(1)):  # past any resend of task 4's
-        pass
-    assert done[1]["ok"]
-    assert broker.skip_to(protocol.DISCONNECT)["reason"] == "shutdown"
-    w.join(5)
+    assert finish_and_leave(broker, w, "again")["ok"]
 
 
 def test_a_stopping_worker_welcomed_with_smaller_limits_says_it_drains_before_resending(
@@ -353,10 +360,8 @@ def test_a_stopping_worker_welcomed_with_smaller_limits_says_it_drains_before_re
     assert sorted(results) == [2, 3]
     # When the broker forgets it, and welcomes it back with a batch of one (so the
     # hand-back is cut again and resent at once)
-    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
-    ready = broker.skip_to(protocol.READY)
-    welcomed_at = time.monotonic()
-    broker.welcome(ready["seq"], limits={"max_message_bytes": 1_048_576, "max_batch": 1})
+    limits = {"max_message_bytes": 1_048_576, "max_batch": 1}
+    welcomed_at = admit_again(broker, limits=limits)
     # Then the HEARTBEAT that says it drains goes before the resent hand-backs
     body = broker.skip_to(protocol.RESULT)
     assert [b.get("draining") for at, b in broker.heartbeats if at > welcomed_at][:1] == [True]
@@ -366,12 +371,7 @@ def test_a_stopping_worker_welcomed_with_smaller_limits_says_it_drains_before_re
         body = broker.skip_to(protocol.RESULT)
         done |= {item["id"] for item in body["results"]}
         broker.ack(body["seq"])
-    worker_tasks.gate("cut").set()
-    while 1 not in (finished := broker.results_acked(1)):  # past any resend
-        pass
-    assert finished[1]["ok"]
-    assert broker.skip_to(protocol.DISCONNECT)["reason"] == "shutdown"
-    w.join(5)
+    assert finish_and_leave(broker, w, "cut")["ok"]
 
 
 def test_a_waiting_task_whose_lease_ended_is_never_started(

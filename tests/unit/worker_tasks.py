@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from tests.support.lease_polling import lease_lost_within
+
 from taskring.workers import TaskContext, task
 
 MODULE = __name__
@@ -95,13 +97,8 @@ def hard_exit(code: int) -> None:
 
 @task(name="wt.until_stale")
 def until_stale(ctx: TaskContext, seconds: float) -> bool:
-    """Poll ctx.lease_lost without ever checkpointing; True if it turned within `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if ctx.lease_lost:
-            return True
-        time.sleep(0.01)
-    return False
+    """True if ctx.lease_lost turned within `seconds`, without a checkpoint."""
+    return lease_lost_within(ctx, seconds)
 
 
 @task(name="wt.poll_while_checkpointing")

@@ -43,6 +43,10 @@ MAX_WATCHED_TASKS = 100_000
 # Attempts a worker says never started are not counted, up to this many per task:
 # a worker that refuses a task forever must not keep it circling forever.
 MAX_SPARED = 100
+# Why an attempt is spared: known, or guessed (which a task that kills its worker as
+# it starts can fake, so a guess spares a task at most max_attempts times).
+NEVER_STARTED = "it never started"
+LIKELY_WAITING = "it was likely still waiting for a slot"
 
 # A message as read: its frames, and with CURVE the sender's public key.
 Received = tuple[list[bytes], str | None]
@@ -777,7 +781,7 @@ class Broker:
             self._announce(job, p.SUCCEEDED, outcome.value, None, lease.worker, wall)
         elif outcome.retry:
             error = outcome.error or "failed without a message"
-            self._retry(lease, error, wall, started=outcome.started)
+            self._retry(lease, error, wall, None if outcome.started else NEVER_STARTED)
         else:  # another attempt cannot help: fail now, whatever attempts are left
             self._move(p.RUNNING, p.FAILED)
             self.store.finish(
@@ -796,38 +800,24 @@ class Broker:
     def _lease_lost(self, lease: Lease, reason: str, wall: float, *, waiting: bool = False) -> None:
         """The attempt ended without a result; `waiting`: it likely never started."""
         self._end_lease(lease)
-        self._retry(lease, reason, wall, waiting=waiting)
+        self._retry(lease, reason, wall, LIKELY_WAITING if waiting else None)
 
-    def _retry(
-        self,
-        lease: Lease,
-        reason: str,
-        wall: float,
-        *,
-        started: bool = True,
-        waiting: bool = False,
-    ) -> None:
+    def _retry(self, lease: Lease, reason: str, wall: float, unstarted: str | None = None) -> None:
         """Queue the job again, or dead-letter it once its attempts are used up.
 
-        An attempt that did not start is spared: it does not count against
-        max_attempts. `waiting` is only a likelihood, and a task that kills its
-        worker as it starts could look like one, so that guess spares a task at
-        most max_attempts times in all: one that kills every worker it runs on
-        is still dead-lettered, after at most twice its attempts.
+        `unstarted`, NEVER_STARTED or LIKELY_WAITING: the attempt is spared, not
+        counted against max_attempts, within its bound. A task that kills every
+        worker it runs on is still dead-lettered, after at most twice its attempts.
         """
         job = lease.job
-        if not started:
-            spare = job.spared < MAX_SPARED
-            why = "it never started"
-        else:
-            spare = waiting and job.spared < job.max_attempts
-            why = "it was likely still waiting for a slot"
+        bound = MAX_SPARED if unstarted == NEVER_STARTED else job.max_attempts
+        spare = unstarted is not None and job.spared < bound
         if spare:
             job.spared += 1
             # First, so that no error text of the task's own can pass for it.
-            reason = f"{p.SPARED_NOTE} ({why}): {reason}"
-        if job.attempt - job.spared >= job.max_attempts:
-            counted = job.attempt - job.spared
+            reason = f"{p.SPARED_NOTE} ({unstarted}): {reason}"
+        counted = job.attempt - job.spared
+        if counted >= job.max_attempts:
             error = f"{reason}; gave up after {counted} of {job.max_attempts} attempts"
             self._move(p.RUNNING, p.DEAD)
             self.store.finish(job.id, job.attempt, lease.worker, p.DEAD, None, error, wall)

@@ -394,24 +394,23 @@ class IOLoop:
             if len(self.held) >= self.settings.capacity:
                 # The broker's credit should prevent this; never hold more than capacity.
                 reason = f"worker {self.name} is at capacity ({len(self.held)}); task not started"
-            elif self._drain_announced:
-                # Sent before the broker read that this worker drains: another can run
-                # it. Held until its outcome is ACKed, as every task is: a HEARTBEAT
-                # without it would tell the broker the TASK never came.
-                self.held[key] = None
-                reason = f"worker {self.name} stopped before it started the task"
+                log.warning("task %s attempt %s refused: %s", a.id, a.attempt, reason)
+                self._finished.append(
+                    failure(a, reason, retry=True, started=False, limits=self.limits)
+                )
+                continue
+            self.held[key] = None  # until its outcome is ACKed, whatever the outcome
+            if self._drain_announced:
+                # Sent before the broker read that this worker drains: another can run it.
+                self._hand_back([a])
             else:
-                self.held[key] = None
                 self.running.add(key)
                 self._submit(a)
-                continue
-            log.warning("task %s attempt %s refused: %s", a.id, a.attempt, reason)
-            self._finished.append(failure(a, reason, retry=True, started=False, limits=self.limits))
 
     def _hand_back(self, waiting: list[Assignment]) -> None:
-        """Tasks that waited in the pool go back unstarted: another worker can run them now."""
+        """Tasks this stopping worker has not started go back: another can run them now."""
         if waiting:
-            log.info("worker %s stopping: %d waiting task(s) handed back", self.name, len(waiting))
+            log.info("worker %s stopping: %d task(s) handed back", self.name, len(waiting))
         reason = f"worker {self.name} stopped before it started the task"
         for a in waiting:
             self.running.discard((a.id, a.attempt))
@@ -580,10 +579,12 @@ class IOLoop:
                 "value": o.value,
                 "error": o.error,
                 "retry": o.retry,
-                **({} if o.started else {"started": False}),
             }
             for o in batch
         ]
+        for item, o in zip(results, batch, strict=True):
+            if not o.started:  # only hand-backs say it: older brokers ignore it
+                item["started"] = False
         frames = protocol.frames(PROTOCOL_WORKER, protocol.RESULT, {"seq": seq, "results": results})
         self._outstanding.add(seq, frames, now)
         self._results[seq] = batch
