@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from taskring.broker.jobs import Job
-from taskring.broker.store import Store
+from taskring.broker.store import Store, _require_json
 
 
 @pytest.fixture
@@ -187,6 +187,46 @@ def test_finish_is_fenced_by_attempt(store):
     with store.turn():
         store.finish(task_id, 2, "w1", "succeeded", b"\x01", None, 3.0)
     assert store.views([task_id])[task_id]["state"] == "succeeded"
+
+
+def test_bulk_leases_and_results_keep_each_tasks_own_attempt_worker_and_result(store):
+    # Given six queued tasks
+    ids = [add_task(store) for _ in range(6)]
+    a, b, c, d, e, f = ids
+    # When they are leased in one call to two workers, at different attempts
+    with store.turn():
+        store.lease([(a, 1, "w1"), (b, 1, "w2"), (c, 2, "w1"), (d, 1, "w1"), (e, 1, "w2")], 2.0)
+        store.lease([(f, 1, "w1")], 2.0)
+    # And finish in one call: two share a result, two have their own, one is
+    # from a superseded attempt, and one never reports
+    with store.turn():
+        results = [(a, 1, "w1", b"same"), (b, 1, "w2", b"same"), (c, 2, "w1", b"c")]
+        store.finish_many([*results, (d, 1, "w1", b"d"), (e, 9, "w2", b"late")], 3.0)
+    # Then each task has exactly what its own row said
+    views = store.views(ids)
+    got = {i: (v["state"], v["attempt"], v["worker"], v["result"]) for i, v in views.items()}
+    assert got == {
+        a: ("succeeded", 1, "w1", b"same"),
+        b: ("succeeded", 1, "w2", b"same"),
+        c: ("succeeded", 2, "w1", b"c"),
+        d: ("succeeded", 1, "w1", b"d"),
+        e: ("running", 1, "w2", None),
+        f: ("running", 1, "w1", None),
+    }
+    # And its history one event per change, in order, with the attempt and worker
+    history = {i: [(h["kind"], h["attempt"], h["worker"]) for h in store.history(i)] for i in ids}
+    assert history[c] == [("submitted", 0, None), ("leased", 2, "w1"), ("succeeded", 2, "w1")]
+    assert history[b] == [("submitted", 0, None), ("leased", 1, "w2"), ("succeeded", 1, "w2")]
+    assert history[f] == [("submitted", 0, None), ("leased", 1, "w1")]
+
+
+def test_a_sqlite_without_json_functions_is_refused_with_its_version(monkeypatch):
+    class NoJson:
+        def execute(self, sql: str) -> None:
+            raise sqlite3.OperationalError("no such table: json_each")
+
+    with pytest.raises(sqlite3.NotSupportedError, match=r"JSON functions.*3\.38"):
+        _require_json(NoJson())  # type: ignore[arg-type]
 
 
 def test_checkpoint_never_goes_backwards(store):

@@ -17,9 +17,11 @@ It is offered for speed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -122,8 +124,21 @@ _INSERT_TASK = (
 _INSERT_EVENT = (
     "INSERT INTO events (task_id, at, kind, attempt, worker, detail) VALUES (?, ?, ?, ?, ?, ?)"
 )
-_LEASE = (
-    f"UPDATE tasks SET state = '{RUNNING}', attempt = ?, worker = ?, updated_at = ? WHERE id = ?"
+# The hot path's writes in bulk: rows that differ only in the task id are one
+# statement, and SQLite reads the ids from a JSON array. executemany binds every
+# row's parameters in Python, which was about half the cost of these writes
+# (about 22 against 12 µs per task for the six writes of a task's life).
+_INSERT_EVENTS = (
+    "INSERT INTO events (task_id, at, kind, attempt, worker, detail)"
+    " SELECT value, ?, ?, ?, ?, NULL FROM json_each(?)"
+)
+_LEASE_MANY = (
+    f"UPDATE tasks SET state = '{RUNNING}', attempt = ?, worker = ?, updated_at = ?"
+    " WHERE id IN (SELECT value FROM json_each(?))"
+)
+_SUCCEED_MANY = (
+    "UPDATE tasks SET state = 'succeeded', result = ?, error = NULL, updated_at = ?"
+    " WHERE attempt = ? AND id IN (SELECT value FROM json_each(?))"
 )
 _REQUEUE = (
     f"UPDATE tasks SET state = '{QUEUED}', error = ?, updated_at = ?, spared = spared + ?"
@@ -161,6 +176,7 @@ class Store:
         self.db.execute("PRAGMA busy_timeout = 5000")
         migrations.apply(self.db)
         self.conn: sqlite3.Connection = self.db.conn
+        _require_json(self.conn)
         self.next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
         # Commits are numbered, so that a sync can tell whether one is needed.
         self.generation = 0
@@ -227,9 +243,7 @@ class Store:
     def insert_tasks(self, rows: Sequence[tuple[Any, ...]], now: float) -> None:
         """rows: (id, name, payload, key, max_attempts, client, seq, idx, idempotency_key)."""
         self.conn.executemany(_INSERT_TASK, [(*row, now, now) for row in rows])
-        self.conn.executemany(
-            _INSERT_EVENT, [(row[0], now, "submitted", 0, None, None) for row in rows]
-        )
+        self._events([row[0] for row in rows], "submitted", 0, None, now)
 
     def allocate_id(self) -> int:
         # The broker is the only writer, so ids are handed out from memory
@@ -240,8 +254,9 @@ class Store:
 
     def lease(self, leases: Sequence[tuple[int, int, str]], now: float) -> None:
         """leases: (task id, attempt, worker)."""
-        self.conn.executemany(_LEASE, [(a, w, now, i) for i, a, w in leases])
-        self.conn.executemany(_INSERT_EVENT, [(i, now, "leased", a, w, None) for i, a, w in leases])
+        for (attempt, worker), ids in _group(leases, lambda lease: lease[1:]).items():
+            self.conn.execute(_LEASE_MANY, (attempt, worker, now, json.dumps(ids)))
+            self._events(ids, "leased", attempt, worker, now)
 
     def requeue(
         self,
@@ -275,10 +290,23 @@ class Store:
 
     def finish_many(self, rows: Sequence[tuple[int, int, str, bytes | None]], now: float) -> None:
         """Successful results in bulk: (task id, attempt, worker, result)."""
-        self.conn.executemany(_FINISH, [("succeeded", r, None, now, i, a) for i, a, _w, r in rows])
-        self.conn.executemany(
-            _INSERT_EVENT, [(i, now, "succeeded", a, w, None) for i, a, w, _r in rows]
-        )
+        # Tasks that return the same thing (None, True, ...) share one statement;
+        # distinct results go row by row.
+        alone = []
+        for (attempt, result), ids in _group(rows, lambda row: (row[1], row[3])).items():
+            if len(ids) == 1:
+                alone.append(("succeeded", result, None, now, ids[0], attempt))
+            else:
+                self.conn.execute(_SUCCEED_MANY, (result, now, attempt, json.dumps(ids)))
+        self.conn.executemany(_FINISH, alone)
+        for (attempt, worker), ids in _group(rows, lambda row: row[1:3]).items():
+            self._events(ids, "succeeded", attempt, worker, now)
+
+    def _events(
+        self, task_ids: list[int], kind: str, attempt: int, worker: str | None, now: float
+    ) -> None:
+        """The same event for many tasks, in one statement."""
+        self.conn.execute(_INSERT_EVENTS, (now, kind, attempt, worker, json.dumps(task_ids)))
 
     def cancel(self, rows: Sequence[tuple[int, int, str | None]], reason: str, now: float) -> None:
         """Queued or running tasks to `cancelled`, final: (task id, attempt, worker)."""
@@ -401,3 +429,23 @@ class Store:
         cursor = self.conn.execute(sql, params)
         cursor.row_factory = sqlite3.Row
         return cursor.fetchall()
+
+
+def _group(
+    rows: Iterable[Sequence[Any]], shared: Callable[[Sequence[Any]], Hashable]
+) -> dict[Any, list[int]]:
+    """Task ids (each row's first field) by what `shared(row)` says they have in common."""
+    groups: defaultdict[Any, list[int]] = defaultdict(list)
+    for row in rows:
+        groups[shared(row)].append(row[0])
+    return groups
+
+
+def _require_json(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
+    except sqlite3.OperationalError as e:
+        raise sqlite3.NotSupportedError(
+            "taskring needs SQLite's JSON functions (built in since SQLite 3.38);"
+            f" this Python's SQLite is {sqlite3.sqlite_version}: {e}"
+        ) from e
