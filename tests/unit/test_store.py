@@ -220,6 +220,21 @@ def test_bulk_leases_and_results_keep_each_tasks_own_attempt_worker_and_result(s
     assert history[f] == [("submitted", 0, None), ("leased", 1, "w1")]
 
 
+def test_many_results_in_one_call_each_reach_their_own_task_fenced_by_attempt(store):
+    # Given 70 running tasks, more than one statement's worth of results
+    ids = [add_task(store) for _ in range(70)]
+    with store.turn():
+        store.lease([(i, 1, "w1") for i in ids], 2.0)
+    # When they finish in one call, every seventh from a superseded attempt
+    with store.turn():
+        store.finish_many([(i, 1 if i % 7 else 2, "w1", b"r%d" % i) for i in ids], 3.0)
+    # Then each task that finished holds its own result, and the others still run
+    views = store.views(ids)
+    for i in ids:
+        expected = ("succeeded", b"r%d" % i) if i % 7 else ("running", None)
+        assert (views[i]["state"], views[i]["result"]) == expected, i
+
+
 def test_a_sqlite_without_json_functions_is_refused_with_its_version(monkeypatch):
     class NoJson:
         def execute(self, sql: str) -> None:
