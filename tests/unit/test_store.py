@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from taskring.broker.jobs import Job
-from taskring.broker.store import Store, _require_json
+from taskring.broker.store import Store, _require_features
 
 
 @pytest.fixture
@@ -235,13 +235,21 @@ def test_many_results_in_one_call_each_reach_their_own_task_fenced_by_attempt(st
         assert (views[i]["state"], views[i]["result"]) == expected, i
 
 
-def test_a_sqlite_without_json_functions_is_refused_with_its_version(monkeypatch):
+def test_a_sqlite_without_json_functions_is_refused_with_its_version():
     class NoJson:
         def execute(self, sql: str) -> None:
             raise sqlite3.OperationalError("no such table: json_each")
 
-    with pytest.raises(sqlite3.NotSupportedError, match=r"JSON functions.*3\.38"):
-        _require_json(NoJson())  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.NotSupportedError, match=r"3\.33 or later.*no JSON functions"):
+        _require_features(NoJson())  # type: ignore[arg-type]
+
+
+def test_a_sqlite_older_than_3_33_is_refused_before_the_log_is_touched(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(sqlite3.NotSupportedError, match=r"SQLite is 3\.31\.1 \(UPDATE"):
+        Store(tmp_path / "t.db")
+    assert not (tmp_path / "t.db").exists()
 
 
 def test_checkpoint_never_goes_backwards(store):

@@ -168,6 +168,7 @@ class Store:
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "full") -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("synchronous must be 'full' or 'normal'")
+        _require_features()
         self.path = os.fspath(path)
         created = not os.path.exists(self.path)
         # The log may hold task arguments and results: readable by its owner only.
@@ -181,7 +182,6 @@ class Store:
         self.db.execute("PRAGMA busy_timeout = 5000")
         migrations.apply(self.db)
         self.conn: sqlite3.Connection = self.db.conn
-        _require_json(self.conn)
         self.next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
         # Commits are numbered, so that a sync can tell whether one is needed.
         self.generation = 0
@@ -446,11 +446,23 @@ def _group(
     return groups
 
 
-def _require_json(conn: sqlite3.Connection) -> None:
-    try:
-        conn.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
-    except sqlite3.OperationalError as e:
+def _require_features(conn: sqlite3.Connection | None = None) -> None:
+    """The bulk writes use UPDATE ... FROM (SQLite 3.33) and json_each (built in
+    since 3.38, compiled in by most distributions before): refuse to start without."""
+    missing = None
+    if sqlite3.sqlite_version_info < (3, 33, 0):
+        missing = "UPDATE ... FROM needs 3.33"
+    else:
+        probe = conn or sqlite3.connect(":memory:")
+        try:
+            probe.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
+        except sqlite3.OperationalError as e:
+            missing = f"no JSON functions: {e}"
+        finally:
+            if conn is None:
+                probe.close()
+    if missing is not None:
         raise sqlite3.NotSupportedError(
-            "taskring needs SQLite's JSON functions (built in since SQLite 3.38);"
-            f" this Python's SQLite is {sqlite3.sqlite_version}: {e}"
-        ) from e
+            "taskring needs SQLite 3.33 or later with its JSON functions;"
+            f" this Python's SQLite is {sqlite3.sqlite_version} ({missing})"
+        )
