@@ -220,6 +220,23 @@ def test_bulk_leases_and_results_keep_each_tasks_own_attempt_worker_and_result(s
     assert history[f] == [("submitted", 0, None), ("leased", 1, "w1")]
 
 
+def test_many_tasks_inserted_in_one_call_each_keep_their_own_fields(store):
+    # Given 70 new tasks, more than one statement's worth, each with its own fields
+    ids = [store.allocate_id() for _ in range(70)]
+    rows = [
+        (i, f"t.{i % 3}", b"p%d" % i, f"k{i}" if i % 2 else None, i % 5 + 1, "c", 4, n, f"o{i}")
+        for n, i in enumerate(ids)
+    ]
+    # When they are inserted in one call
+    with store.turn():
+        store.insert_tasks(rows, 1.0)
+    # Then each row reads back as it was given, queued, in id order
+    queued = store.queued(0, 100)
+    assert [(*job[:4], job[5]) for job in queued] == [row[:5] for row in rows]
+    assert store.find_idempotency_keys([f"o{i}" for i in ids]) == {f"o{i}": i for i in ids}
+    assert [h["kind"] for i in ids for h in store.history(i)] == ["submitted"] * 70
+
+
 def test_many_results_in_one_call_each_reach_their_own_task_fenced_by_attempt(store):
     # Given 70 running tasks, more than one statement's worth of results
     ids = [add_task(store) for _ in range(70)]

@@ -17,6 +17,8 @@ It is offered for speed.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import os
 import sqlite3
@@ -116,11 +118,12 @@ VIEW_COLUMNS = (
 # The same without reading the results, which may be 1 MiB each.
 VIEW_COLUMNS_NO_RESULT = VIEW_COLUMNS.replace(" result,", " NULL AS result,")
 
-_INSERT_TASK = (
+# Rows of VALUES, so that many rows are one statement: see Store._write_rows.
+_INSERT_TASKS = (
     "INSERT INTO tasks (id, name, payload, key, state, attempt, max_attempts, client,"
-    " client_seq, client_idx, idempotency_key, created_at, updated_at)"
-    f" VALUES (?, ?, ?, ?, '{QUEUED}', 0, ?, ?, ?, ?, ?, ?, ?)"
+    " client_seq, client_idx, idempotency_key, created_at, updated_at) VALUES {rows}"
 )
+_TASK_ROW = f"(?, ?, ?, ?, '{QUEUED}', 0, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_EVENT = (
     "INSERT INTO events (task_id, at, kind, attempt, worker, detail) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -136,15 +139,14 @@ _LEASE_MANY = (
     " WHERE id IN (SELECT value FROM json_each(?))"
 )
 # Results differ per task, so their UPDATE cannot share one row the way events
-# do; rows of VALUES in one statement still cost less than a statement each
-# (SQLite walks them, finding each task by its id). A fixed size keeps it one
-# prepared statement; the rest go row by row.
-_SUCCEED_ROWS = 32
-_SUCCEED_VALUES = (
+# do; SQLite walks the rows of VALUES and finds each task by its id.
+_SUCCEED = (
     "UPDATE tasks SET state = 'succeeded', result = v.column3, error = NULL, updated_at = ?"
-    f" FROM (VALUES {', '.join(['(?, ?, ?)'] * _SUCCEED_ROWS)}) AS v"
-    " WHERE tasks.id = v.column1 AND tasks.attempt = v.column2"
+    " FROM (VALUES {rows}) AS v WHERE tasks.id = v.column1 AND tasks.attempt = v.column2"
 )
+_SUCCESS_ROW = "(?, ?, ?)"
+# Rows per statement: a fixed number keeps it one prepared statement.
+_ROWS_PER_STATEMENT = 32
 _REQUEUE = (
     f"UPDATE tasks SET state = '{QUEUED}', error = ?, updated_at = ?, spared = spared + ?"
     " WHERE id = ?"
@@ -247,7 +249,7 @@ class Store:
 
     def insert_tasks(self, rows: Sequence[tuple[Any, ...]], now: float) -> None:
         """rows: (id, name, payload, key, max_attempts, client, seq, idx, idempotency_key)."""
-        self.conn.executemany(_INSERT_TASK, [(*row, now, now) for row in rows])
+        self._write_rows(_INSERT_TASKS, _TASK_ROW, [(*row, now, now) for row in rows])
         self._events([row[0] for row in rows], "submitted", 0, None, now)
 
     def allocate_id(self) -> int:
@@ -295,17 +297,26 @@ class Store:
 
     def finish_many(self, rows: Sequence[tuple[int, int, str, bytes | None]], now: float) -> None:
         """Successful results in bulk: (task id, attempt, worker, result)."""
-        whole = len(rows) - len(rows) % _SUCCEED_ROWS
-        for start in range(0, whole, _SUCCEED_ROWS):
-            params: list[Any] = [now]
-            for task_id, attempt, _worker, result in rows[start : start + _SUCCEED_ROWS]:
-                params += (task_id, attempt, result)
-            self.conn.execute(_SUCCEED_VALUES, params)
-        self.conn.executemany(
-            _FINISH, [("succeeded", r, None, now, i, a) for i, a, _w, r in rows[whole:]]
-        )
+        self._write_rows(_SUCCEED, _SUCCESS_ROW, [(i, a, r) for i, a, _w, r in rows], (now,))
         for (attempt, worker), ids in _group(rows, lambda row: row[1:3]).items():
             self._events(ids, "succeeded", attempt, worker, now)
+
+    def _write_rows(
+        self, template: str, row: str, rows: Sequence[tuple[Any, ...]], shared: tuple[Any, ...] = ()
+    ) -> None:
+        """`rows` through `template`, many to a statement as rows of VALUES.
+
+        executemany runs a statement once per row, which for a task's small rows
+        costs about as much as the write itself. `shared`: parameters before the rows.
+        """
+        whole = len(rows) - len(rows) % _ROWS_PER_STATEMENT
+        many = _statement(template, row, _ROWS_PER_STATEMENT)
+        for start in range(0, whole, _ROWS_PER_STATEMENT):
+            chunk = rows[start : start + _ROWS_PER_STATEMENT]
+            self.conn.execute(many, [*shared, *itertools.chain.from_iterable(chunk)])
+        if whole < len(rows):
+            one = _statement(template, row, 1)
+            self.conn.executemany(one, [(*shared, *r) for r in rows[whole:]])
 
     def _events(
         self, task_ids: list[int], kind: str, attempt: int, worker: str | None, now: float
@@ -434,6 +445,11 @@ class Store:
         cursor = self.conn.execute(sql, params)
         cursor.row_factory = sqlite3.Row
         return cursor.fetchall()
+
+
+@functools.cache
+def _statement(template: str, row: str, rows: int) -> str:
+    return template.format(rows=", ".join([row] * rows))
 
 
 def _group(
