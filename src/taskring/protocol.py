@@ -878,14 +878,9 @@ def announced_limits(announced: Any) -> dict[str, int]:
     }
 
 
-def decode_broker_heartbeat(
-    body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS
-) -> tuple[tuple[int, int], ...]:
-    """The `stale` pairs of a broker's HEARTBEAT: held attempts whose lease is gone.
-
-    `limits`: the worker's own, which bound the `held` these pairs come from.
-    """
-    return _pairs(body, limits, "stale")
+def decode_broker_heartbeat(body: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+    """The `stale` pairs of a broker's HEARTBEAT: held attempts whose lease is gone."""
+    return _pairs(body, DEFAULT_LIMITS, "stale")
 
 
 def decode_ack(body: Mapping[str, Any]) -> Ack:

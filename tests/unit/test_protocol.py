@@ -290,16 +290,6 @@ def test_worker_heartbeat_round_trip_and_defaults() -> None:
     assert p.decode_worker_heartbeat({}) == p.WorkerHeartbeat(dseq=0, held=(), draining=False)
 
 
-def test_broker_heartbeat_stale_is_bounded_by_the_workers_own_limits() -> None:
-    # Given a worker whose limits let it hold 1,500 tasks, all of them stale
-    stale = {"stale": [[i, 1] for i in range(1, 1501)]}
-    wide = dataclasses.replace(p.DEFAULT_LIMITS, max_batch=2000)
-    # Then it reads every pair, where the default limits refuse the list
-    assert len(p.decode_broker_heartbeat(stale, wide)) == 1500
-    with rejected(p.E_TOO_LARGE, "max_batch"):
-        p.decode_broker_heartbeat(stale)
-
-
 def test_result_round_trip() -> None:
     result = p.decode_result(received(p.PROTOCOL_WORKER, p.RESULT, result_body()).body)
     assert result == p.Result(

@@ -324,7 +324,7 @@ class IOLoop:
             self._on_ack(protocol.decode_ack(body))
         elif command == protocol.HEARTBEAT:
             # Once stale, always: a new set each time, so task threads read it unlocked.
-            stale = self._stale | set(protocol.decode_broker_heartbeat(body, self.limits))
+            stale = self._stale | set(protocol.decode_broker_heartbeat(body))
             self._stale = {key for key in stale if key in self.held}
         elif command == protocol.WELCOME:
             self._on_welcome_message(protocol.decode_welcome(body), now)
