@@ -254,13 +254,17 @@ class Store:
 
     def allocate_id(self) -> int:
         # The broker is the only writer, so ids are handed out from memory
-        # and the inserts of one request go in one executemany.
+        # and the inserts of one request go in one call to insert_tasks.
         task_id = self.next_id
         self.next_id += 1
         return task_id
 
     def lease(self, leases: Sequence[tuple[int, int, str]], now: float) -> None:
-        """leases: (task id, attempt, worker)."""
+        """leases: (task id, attempt, worker), each task at most once.
+
+        Rows are grouped by (attempt, worker), not applied in their order, so a
+        second lease of one task in the same call could be overwritten by the first.
+        """
         for (attempt, worker), ids in _group(leases, lambda lease: lease[1:]).items():
             self.conn.execute(_LEASE_MANY, (attempt, worker, now, json.dumps(ids)))
             self._events(ids, "leased", attempt, worker, now)
@@ -296,7 +300,7 @@ class Store:
         self.conn.execute(_INSERT_EVENT, (task_id, now, state, attempt, worker, error))
 
     def finish_many(self, rows: Sequence[tuple[int, int, str, bytes | None]], now: float) -> None:
-        """Successful results in bulk: (task id, attempt, worker, result)."""
+        """Successful results in bulk: (task id, attempt, worker, result), each task once."""
         self._write_rows(_SUCCEED, _SUCCESS_ROW, [(i, a, r) for i, a, _w, r in rows], (now,))
         for (attempt, worker), ids in _group(rows, lambda row: row[1:3]).items():
             self._events(ids, "succeeded", attempt, worker, now)
