@@ -118,18 +118,21 @@ VIEW_COLUMNS = (
 # The same without reading the results, which may be 1 MiB each.
 VIEW_COLUMNS_NO_RESULT = VIEW_COLUMNS.replace(" result,", " NULL AS result,")
 
-# Rows of VALUES, so that many rows are one statement: see Store._write_rows.
-_INSERT_TASKS = (
-    "INSERT INTO tasks (id, name, payload, key, state, attempt, max_attempts, client,"
-    " client_seq, client_idx, idempotency_key, created_at, updated_at) VALUES {rows}"
-)
-_TASK_ROW = f"(?, ?, ?, ?, '{QUEUED}', 0, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_EVENT = (
     "INSERT INTO events (task_id, at, kind, attempt, worker, detail) VALUES (?, ?, ?, ?, ?, ?)"
 )
-# The hot path's writes in bulk: rows that differ only in the task id are one
-# statement, and SQLite reads the ids from a JSON array. executemany runs the
-# statement once per row, which cost about as much as the writes themselves.
+_LEASE = (
+    f"UPDATE tasks SET state = '{RUNNING}', attempt = ?, worker = ?, updated_at = ? WHERE id = ?"
+)
+# The hot path's writes in bulk. executemany runs a statement once per row,
+# which for a task's small rows cost about as much as the write itself, so
+# rows that differ only in the task id are one statement reading the ids from
+# a JSON array, and rows that differ in more go many to a statement as rows of
+# VALUES (Store._write_rows). Each has a one-row form taking the same
+# parameters, for the few rows of a quiet turn: below _FEW rows the bulk form
+# costs more to set up than it saves (in-process, one task per turn took twice
+# as long to lease and finish through it).
+_FEW = 8
 _INSERT_EVENTS = (
     "INSERT INTO events (task_id, at, kind, attempt, worker, detail)"
     " SELECT value, ?, ?, ?, ?, NULL FROM json_each(?)"
@@ -138,14 +141,23 @@ _LEASE_MANY = (
     f"UPDATE tasks SET state = '{RUNNING}', attempt = ?, worker = ?, updated_at = ?"
     " WHERE id IN (SELECT value FROM json_each(?))"
 )
-# Results differ per task, so their UPDATE cannot share one row the way events
-# do; SQLite walks the rows of VALUES and finds each task by its id.
+_INSERT_TASKS = (
+    "INSERT INTO tasks (id, name, payload, key, state, attempt, max_attempts, client,"
+    " client_seq, client_idx, idempotency_key, created_at, updated_at) VALUES {rows}"
+)
+_TASK_ROW = f"(?, ?, ?, ?, '{QUEUED}', 0, ?, ?, ?, ?, ?, ?, ?)"
+# Results differ per task; SQLite walks the rows of VALUES, finding each task by its id.
 _SUCCEED = (
     "UPDATE tasks SET state = 'succeeded', result = v.column3, error = NULL, updated_at = ?"
     " FROM (VALUES {rows}) AS v WHERE tasks.id = v.column1 AND tasks.attempt = v.column2"
 )
 _SUCCESS_ROW = "(?, ?, ?)"
-# Rows per statement: a fixed number keeps it one prepared statement.
+# The same for one row, with the same parameters: (now, id, attempt, result).
+_SUCCEED_ONE = (
+    "UPDATE tasks SET state = 'succeeded', result = ?4, error = NULL, updated_at = ?1"
+    " WHERE id = ?2 AND attempt = ?3"
+)
+# Rows of VALUES per statement: a fixed number keeps it one prepared statement.
 _ROWS_PER_STATEMENT = 32
 _REQUEUE = (
     f"UPDATE tasks SET state = '{QUEUED}', error = ?, updated_at = ?, spared = spared + ?"
@@ -249,7 +261,8 @@ class Store:
 
     def insert_tasks(self, rows: Sequence[tuple[Any, ...]], now: float) -> None:
         """rows: (id, name, payload, key, max_attempts, client, seq, idx, idempotency_key)."""
-        self._write_rows(_INSERT_TASKS, _TASK_ROW, [(*row, now, now) for row in rows])
+        one = _statement(_INSERT_TASKS, _TASK_ROW, 1)
+        self._write_rows(_INSERT_TASKS, _TASK_ROW, one, [(*row, now, now) for row in rows])
         self._events([row[0] for row in rows], "submitted", 0, None, now)
 
     def allocate_id(self) -> int:
@@ -266,7 +279,10 @@ class Store:
         second lease of one task in the same call could be overwritten by the first.
         """
         for (attempt, worker), ids in _group(leases, lambda lease: lease[1:]).items():
-            self.conn.execute(_LEASE_MANY, (attempt, worker, now, json.dumps(ids)))
+            if len(ids) < _FEW:
+                self.conn.executemany(_LEASE, [(attempt, worker, now, i) for i in ids])
+            else:
+                self.conn.execute(_LEASE_MANY, (attempt, worker, now, json.dumps(ids)))
             self._events(ids, "leased", attempt, worker, now)
 
     def requeue(
@@ -301,32 +317,39 @@ class Store:
 
     def finish_many(self, rows: Sequence[tuple[int, int, str, bytes | None]], now: float) -> None:
         """Successful results in bulk: (task id, attempt, worker, result), each task once."""
-        self._write_rows(_SUCCEED, _SUCCESS_ROW, [(i, a, r) for i, a, _w, r in rows], (now,))
+        successes = [(i, a, r) for i, a, _w, r in rows]
+        self._write_rows(_SUCCEED, _SUCCESS_ROW, _SUCCEED_ONE, successes, (now,))
         for (attempt, worker), ids in _group(rows, lambda row: row[1:3]).items():
             self._events(ids, "succeeded", attempt, worker, now)
 
     def _write_rows(
-        self, template: str, row: str, rows: Sequence[tuple[Any, ...]], shared: tuple[Any, ...] = ()
+        self,
+        template: str,
+        row: str,
+        one: str,
+        rows: Sequence[tuple[Any, ...]],
+        shared: tuple[Any, ...] = (),
     ) -> None:
-        """`rows` through `template`, many to a statement as rows of VALUES.
-
-        executemany runs a statement once per row, which for a task's small rows
-        costs about as much as the write itself. `shared`: parameters before the rows.
-        """
+        """`rows` through `template`, _ROWS_PER_STATEMENT to a statement as rows of
+        VALUES, and the rest through `one`, row by row. `shared`: parameters before
+        the rows' own, in both forms."""
         whole = len(rows) - len(rows) % _ROWS_PER_STATEMENT
         many = _statement(template, row, _ROWS_PER_STATEMENT)
         for start in range(0, whole, _ROWS_PER_STATEMENT):
             chunk = rows[start : start + _ROWS_PER_STATEMENT]
             self.conn.execute(many, [*shared, *itertools.chain.from_iterable(chunk)])
         if whole < len(rows):
-            one = _statement(template, row, 1)
             self.conn.executemany(one, [(*shared, *r) for r in rows[whole:]])
 
     def _events(
         self, task_ids: list[int], kind: str, attempt: int, worker: str | None, now: float
     ) -> None:
-        """The same event for many tasks, in one statement."""
-        self.conn.execute(_INSERT_EVENTS, (now, kind, attempt, worker, json.dumps(task_ids)))
+        """The same event for many tasks, in one statement unless they are few."""
+        if len(task_ids) < _FEW:
+            rows = [(i, now, kind, attempt, worker, None) for i in task_ids]
+            self.conn.executemany(_INSERT_EVENT, rows)
+        else:
+            self.conn.execute(_INSERT_EVENTS, (now, kind, attempt, worker, json.dumps(task_ids)))
 
     def cancel(self, rows: Sequence[tuple[int, int, str | None]], reason: str, now: float) -> None:
         """Queued or running tasks to `cancelled`, final: (task id, attempt, worker)."""
