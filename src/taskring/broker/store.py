@@ -17,7 +17,6 @@ It is offered for speed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import json
 import os
@@ -146,6 +145,7 @@ _INSERT_TASKS = (
     " client_seq, client_idx, idempotency_key, created_at, updated_at) VALUES {rows}"
 )
 _TASK_ROW = f"(?, ?, ?, ?, '{QUEUED}', 0, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_TASK = _INSERT_TASKS.format(rows=_TASK_ROW)
 # Results differ per task; SQLite walks the rows of VALUES, finding each task by its id.
 _SUCCEED = (
     "UPDATE tasks SET state = 'succeeded', result = v.column3, error = NULL, updated_at = ?"
@@ -159,6 +159,8 @@ _SUCCEED_ONE = (
 )
 # Rows of VALUES per statement: a fixed number keeps it one prepared statement.
 _ROWS_PER_STATEMENT = 32
+_INSERT_TASKS_MANY = _INSERT_TASKS.format(rows=", ".join([_TASK_ROW] * _ROWS_PER_STATEMENT))
+_SUCCEED_MANY = _SUCCEED.format(rows=", ".join([_SUCCESS_ROW] * _ROWS_PER_STATEMENT))
 _REQUEUE = (
     f"UPDATE tasks SET state = '{QUEUED}', error = ?, updated_at = ?, spared = spared + ?"
     " WHERE id = ?"
@@ -261,8 +263,7 @@ class Store:
 
     def insert_tasks(self, rows: Sequence[tuple[Any, ...]], now: float) -> None:
         """rows: (id, name, payload, key, max_attempts, client, seq, idx, idempotency_key)."""
-        one = _statement(_INSERT_TASKS, _TASK_ROW, 1)
-        self._write_rows(_INSERT_TASKS, _TASK_ROW, one, [(*row, now, now) for row in rows])
+        self._write_rows(_INSERT_TASKS_MANY, _INSERT_TASK, [(*row, now, now) for row in rows])
         self._events([row[0] for row in rows], "submitted", 0, None, now)
 
     def allocate_id(self) -> int:
@@ -278,6 +279,12 @@ class Store:
         Rows are grouped by (attempt, worker), not applied in their order, so a
         second lease of one task in the same call could be overwritten by the first.
         """
+        if len(leases) < _FEW:
+            self.conn.executemany(_LEASE, [(a, w, now, i) for i, a, w in leases])
+            self.conn.executemany(
+                _INSERT_EVENT, [(i, now, "leased", a, w, None) for i, a, w in leases]
+            )
+            return
         for (attempt, worker), ids in _group(leases, lambda lease: lease[1:]).items():
             if len(ids) < _FEW:
                 self.conn.executemany(_LEASE, [(attempt, worker, now, i) for i in ids])
@@ -317,29 +324,29 @@ class Store:
 
     def finish_many(self, rows: Sequence[tuple[int, int, str, bytes | None]], now: float) -> None:
         """Successful results in bulk: (task id, attempt, worker, result), each task once."""
+        if len(rows) < _FEW:
+            self.conn.executemany(_SUCCEED_ONE, [(now, i, a, r) for i, a, _w, r in rows])
+            events = [(i, now, "succeeded", a, w, None) for i, a, w, _r in rows]
+            self.conn.executemany(_INSERT_EVENT, events)
+            return
         successes = [(i, a, r) for i, a, _w, r in rows]
-        self._write_rows(_SUCCEED, _SUCCESS_ROW, _SUCCEED_ONE, successes, (now,))
+        self._write_rows(_SUCCEED_MANY, _SUCCEED_ONE, successes, (now,))
         for (attempt, worker), ids in _group(rows, lambda row: row[1:3]).items():
             self._events(ids, "succeeded", attempt, worker, now)
 
     def _write_rows(
-        self,
-        template: str,
-        row: str,
-        one: str,
-        rows: Sequence[tuple[Any, ...]],
-        shared: tuple[Any, ...] = (),
+        self, many: str, one: str, rows: Sequence[tuple[Any, ...]], shared: tuple[Any, ...] = ()
     ) -> None:
-        """`rows` through `template`, _ROWS_PER_STATEMENT to a statement as rows of
-        VALUES, and the rest through `one`, row by row. `shared`: parameters before
+        """`rows` _ROWS_PER_STATEMENT at a time through `many`, which takes them as rows
+        of VALUES, and the rest through `one`, row by row. `shared`: parameters before
         the rows' own, in both forms."""
         whole = len(rows) - len(rows) % _ROWS_PER_STATEMENT
-        many = _statement(template, row, _ROWS_PER_STATEMENT)
         for start in range(0, whole, _ROWS_PER_STATEMENT):
             chunk = rows[start : start + _ROWS_PER_STATEMENT]
             self.conn.execute(many, [*shared, *itertools.chain.from_iterable(chunk)])
         if whole < len(rows):
-            self.conn.executemany(one, [(*shared, *r) for r in rows[whole:]])
+            rest = rows[whole:]
+            self.conn.executemany(one, [(*shared, *r) for r in rest] if shared else rest)
 
     def _events(
         self, task_ids: list[int], kind: str, attempt: int, worker: str | None, now: float
@@ -472,11 +479,6 @@ class Store:
         cursor = self.conn.execute(sql, params)
         cursor.row_factory = sqlite3.Row
         return cursor.fetchall()
-
-
-@functools.cache
-def _statement(template: str, row: str, rows: int) -> str:
-    return template.format(rows=", ".join([row] * rows))
 
 
 def _group(
