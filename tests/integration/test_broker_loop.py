@@ -170,6 +170,25 @@ def test_submit_is_acknowledged_after_commit_and_a_resend_creates_no_second_task
     assert len(db_rows(broker, "SELECT id FROM tasks")) == 2
 
 
+def test_a_turn_reads_a_bounded_number_of_submits_and_leaves_the_rest_queued(broker, ctx):
+    # Given ten SUBMITs waiting in the broker's socket
+    c = client(ctx, broker)
+    for _ in range(10):
+        c.request(p.SUBMIT, {"tasks": [task()]})
+    time.sleep(0.3)  # loopback delivers them well within this
+    # When the broker runs turns until it has answered all of them
+    read = []
+    while sum(read) < 10:
+        read.append(broker.poll_once(now=0.0, timeout_s=0.05))
+    # Then no turn took more than its bound of SUBMITs, the first took that many,
+    # and every SUBMIT got its own task
+    bound = broker.settings.max_submits_per_turn
+    assert bound < 10 and read[0] == bound and max(read) == bound
+    replies = [body for cmd, body in c.drain(broker, 0.0) if cmd == p.REPLY]
+    assert sorted(r["seq"] for r in replies) == list(range(1, 11))
+    assert len(db_rows(broker, "SELECT id FROM tasks")) == 10
+
+
 def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(
     tmp_path, ctx, monkeypatch
 ):

@@ -184,11 +184,18 @@ class Broker:
         ready = dict(self.poller.poll(max(0, math.ceil(timeout_s * 1000))))
         messages: list[Received] = []
         if self.socket in ready:
+            submits = 0
             for _ in range(self.settings.max_messages_per_turn):
                 try:
-                    messages.append(self._recv())
+                    received = self._recv()
                 except zmq.Again:
                     break
+                messages.append(received)
+                frames = received[0]
+                if len(frames) > 2 and frames[2] == p.SUBMIT:
+                    submits += 1
+                    if submits >= self.settings.max_submits_per_turn:
+                        break  # the rest wait in the socket for the next turn
         now = time.monotonic() if now is None else now
         wall = wall_clock()
         try:

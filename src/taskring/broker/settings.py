@@ -18,6 +18,9 @@ class BrokerSettings:
     limits: Limits = DEFAULT_LIMITS
     queue_window: int = 10_000  # queued tasks kept in memory; the rest wait in SQLite
     max_messages_per_turn: int = 2_000  # bounds a turn's latency under a flood
+    # A SUBMIT carries up to max_batch tasks: 2,000 of them would be a turn of
+    # millions of inserts, and no heartbeat would leave meanwhile.
+    max_submits_per_turn: int = 4
     default_max_attempts: int = 3
     curve: CurveServerConfig | None = None  # encrypt, and admit only allowed keys
 
