@@ -139,8 +139,15 @@ def test_a_worker_sigterm_drains_and_leaves_cleanly(cluster: Cluster) -> None:
     proc = cluster.start_worker("w1", concurrency=1)
     cluster.wait_workers("w1")
     with cluster.client() as client:
-        handle = client.submit("tt_tasks.nap", 0.5)
-        wait_for(lambda: client.status(handle.id).state == "running", 10, "the task to start")
+        handle = client.submit("tt_tasks.nap_started", 0.5)
+
+        def started() -> bool:
+            # Started in a thread, not only leased: a leased task that has not
+            # reached a thread yet is handed back on SIGTERM, not run.
+            _, events = client.history(handle.id)
+            return any(e["kind"] == "checkpointed" for e in events)
+
+        wait_for(started, 10, "the task to start")
         cluster.signal(proc, signal.SIGTERM)
         assert handle.result(timeout=20) == 0.5  # finished, not abandoned
         assert proc.wait(10) == 0

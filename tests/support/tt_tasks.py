@@ -31,6 +31,17 @@ def nap(seconds: float) -> float:
 
 
 @task
+def nap_started(ctx: Any, seconds: float) -> float:
+    """nap, after a checkpoint that tells a test it has started in a worker thread.
+
+    A task the broker shows as running may still wait in the worker for a slot.
+    """
+    ctx.checkpoint("started")
+    time.sleep(seconds)
+    return seconds
+
+
+@task
 def spin(seconds: float) -> int:
     """Busy-loop in pure Python, holding the GIL as much as the interpreter allows."""
     deadline = time.monotonic() + seconds
