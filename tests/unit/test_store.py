@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from taskring.broker.jobs import Job
-from taskring.broker.store import Store, _require_features
+from taskring.broker.store import Store
 
 
 @pytest.fixture
@@ -252,13 +252,18 @@ def test_many_results_in_one_call_each_reach_their_own_task_fenced_by_attempt(st
         assert (views[i]["state"], views[i]["result"]) == expected, i
 
 
-def test_a_sqlite_without_json_functions_is_refused_with_its_version():
+def test_a_sqlite_without_json_functions_is_refused_with_its_version(tmp_path, monkeypatch):
     class NoJson:
         def execute(self, sql: str) -> None:
             raise sqlite3.OperationalError("no such table: json_each")
 
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(sqlite3, "connect", lambda *args, **kwargs: NoJson())
     with pytest.raises(sqlite3.NotSupportedError, match=r"3\.33 or later.*no JSON functions"):
-        _require_features(NoJson())  # type: ignore[arg-type]
+        Store(tmp_path / "t.db")
+    assert not (tmp_path / "t.db").exists()
 
 
 def test_a_sqlite_older_than_3_33_is_refused_before_the_log_is_touched(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import json
 import os
 import sqlite3
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -126,15 +126,20 @@ _LEASE = (
 # The hot path's writes in bulk. executemany runs a statement once per row,
 # which for a task's small rows cost about as much as the write itself, so
 # rows that differ only in the task id are one statement reading the ids from
-# a JSON array, and rows that differ in more go many to a statement as rows of
-# VALUES (Store._write_rows). Each has a one-row form taking the same
-# parameters, for the few rows of a quiet turn: below _FEW rows the bulk form
-# costs more to set up than it saves (in-process, one task per turn took twice
-# as long to lease and finish through it).
+# a JSON array (Store._per_id), and rows that differ in more go many to a
+# statement as rows of VALUES (Store._write_rows). Each has a one-row form
+# taking the same parameters, for the few rows of a quiet turn: below _FEW rows
+# the bulk form costs more to set up than it saves (in-process, one task per
+# turn took twice as long to lease and finish through it).
 _FEW = 8
 _INSERT_EVENTS = (
     "INSERT INTO events (task_id, at, kind, attempt, worker, detail)"
     " SELECT value, ?, ?, ?, ?, NULL FROM json_each(?)"
+)
+# _INSERT_EVENT with the parameters of _INSERT_EVENTS: (now, kind, attempt, worker, id).
+_INSERT_EVENT_LAST_ID = (
+    "INSERT INTO events (task_id, at, kind, attempt, worker, detail)"
+    " VALUES (?5, ?1, ?2, ?3, ?4, NULL)"
 )
 _LEASE_MANY = (
     f"UPDATE tasks SET state = '{RUNNING}', attempt = ?, worker = ?, updated_at = ?"
@@ -279,17 +284,8 @@ class Store:
         Rows are grouped by (attempt, worker), not applied in their order, so a
         second lease of one task in the same call could be overwritten by the first.
         """
-        if len(leases) < _FEW:
-            self.conn.executemany(_LEASE, [(a, w, now, i) for i, a, w in leases])
-            self.conn.executemany(
-                _INSERT_EVENT, [(i, now, "leased", a, w, None) for i, a, w in leases]
-            )
-            return
-        for (attempt, worker), ids in _group(leases, lambda lease: lease[1:]).items():
-            if len(ids) < _FEW:
-                self.conn.executemany(_LEASE, [(attempt, worker, now, i) for i in ids])
-            else:
-                self.conn.execute(_LEASE_MANY, (attempt, worker, now, json.dumps(ids)))
+        for (attempt, worker), ids in _by_attempt_and_worker(leases).items():
+            self._per_id(_LEASE, _LEASE_MANY, (attempt, worker, now), ids)
             self._events(ids, "leased", attempt, worker, now)
 
     def requeue(
@@ -324,14 +320,9 @@ class Store:
 
     def finish_many(self, rows: Sequence[tuple[int, int, str, bytes | None]], now: float) -> None:
         """Successful results in bulk: (task id, attempt, worker, result), each task once."""
-        if len(rows) < _FEW:
-            self.conn.executemany(_SUCCEED_ONE, [(now, i, a, r) for i, a, _w, r in rows])
-            events = [(i, now, "succeeded", a, w, None) for i, a, w, _r in rows]
-            self.conn.executemany(_INSERT_EVENT, events)
-            return
         successes = [(i, a, r) for i, a, _w, r in rows]
         self._write_rows(_SUCCEED_MANY, _SUCCEED_ONE, successes, (now,))
-        for (attempt, worker), ids in _group(rows, lambda row: row[1:3]).items():
+        for (attempt, worker), ids in _by_attempt_and_worker(rows).items():
             self._events(ids, "succeeded", attempt, worker, now)
 
     def _write_rows(
@@ -348,15 +339,20 @@ class Store:
             rest = rows[whole:]
             self.conn.executemany(one, [(*shared, *r) for r in rest] if shared else rest)
 
+    def _per_id(self, one: str, many: str, shared: tuple[Any, ...], ids: list[int]) -> None:
+        """One change for each of `ids`: `many` once, which takes them as a JSON array,
+        or for a few `one` per id. Both take the `shared` parameters, then the id(s)."""
+        if len(ids) < _FEW:
+            self.conn.executemany(one, [(*shared, i) for i in ids])
+        else:
+            self.conn.execute(many, (*shared, json.dumps(ids)))
+
     def _events(
         self, task_ids: list[int], kind: str, attempt: int, worker: str | None, now: float
     ) -> None:
-        """The same event for many tasks, in one statement unless they are few."""
-        if len(task_ids) < _FEW:
-            rows = [(i, now, kind, attempt, worker, None) for i in task_ids]
-            self.conn.executemany(_INSERT_EVENT, rows)
-        else:
-            self.conn.execute(_INSERT_EVENTS, (now, kind, attempt, worker, json.dumps(task_ids)))
+        """The same event for many tasks."""
+        shared = (now, kind, attempt, worker)
+        self._per_id(_INSERT_EVENT_LAST_ID, _INSERT_EVENTS, shared, task_ids)
 
     def cancel(self, rows: Sequence[tuple[int, int, str | None]], reason: str, now: float) -> None:
         """Queued or running tasks to `cancelled`, final: (task id, attempt, worker)."""
@@ -481,31 +477,26 @@ class Store:
         return cursor.fetchall()
 
 
-def _group(
-    rows: Iterable[Sequence[Any]], shared: Callable[[Sequence[Any]], Hashable]
-) -> dict[Any, list[int]]:
-    """Task ids (each row's first field) by what `shared(row)` says they have in common."""
+def _by_attempt_and_worker(rows: Iterable[Sequence[Any]]) -> dict[Any, list[int]]:
+    """Task ids by (attempt, worker), from rows that begin (task id, attempt, worker)."""
     groups: defaultdict[Any, list[int]] = defaultdict(list)
     for row in rows:
-        groups[shared(row)].append(row[0])
+        groups[row[1:3]].append(row[0])
     return groups
 
 
-def _require_features(conn: sqlite3.Connection | None = None) -> None:
+def _require_features() -> None:
     """The bulk writes use UPDATE ... FROM (SQLite 3.33) and json_each (built in
     since 3.38, compiled in by most distributions before): refuse to start without."""
     missing = None
     if sqlite3.sqlite_version_info < (3, 33, 0):
         missing = "UPDATE ... FROM needs 3.33"
     else:
-        probe = conn or sqlite3.connect(":memory:")
-        try:
-            probe.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
-        except sqlite3.OperationalError as e:
-            missing = f"no JSON functions: {e}"
-        finally:
-            if conn is None:
-                probe.close()
+        with contextlib.closing(sqlite3.connect(":memory:")) as probe:
+            try:
+                probe.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
+            except sqlite3.OperationalError as e:
+                missing = f"no JSON functions: {e}"
     if missing is not None:
         raise sqlite3.NotSupportedError(
             "taskring needs SQLite 3.33 or later with its JSON functions;"
