@@ -105,7 +105,7 @@ class TaskInfo:
                 raise malformed(f"task view field {name!r} is {type(value).__name__}")
             values[name] = value
         spared = view.get("spared", 0)
-        if not isinstance(spared, int) or isinstance(spared, bool):
+        if not is_int(spared):
             raise malformed(f"task view field 'spared' is {type(spared).__name__}")
         return cls(
             id=values["id"],

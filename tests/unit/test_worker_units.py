@@ -120,6 +120,8 @@ def test_settings_are_checked() -> None:
     with pytest.raises(WorkerConfigError, match="prefetch"):
         WorkerSettings(prefetch=-1)
     assert WorkerSettings(concurrency=8, prefetch=0).capacity == 8
+    assert WorkerSettings(name="w1").worker_name() == "w1"
+    assert WorkerSettings().worker_name().endswith(f"-{__import__('os').getpid()}")
 
 
 @pytest.mark.parametrize(("concurrency", "prefetch"), [(1, 1), (8, 8), (500, 500), (600, 400)])
@@ -129,8 +131,6 @@ def test_prefetch_defaults_to_concurrency_within_1000_held(concurrency: int, pre
     # And the default follows a concurrency changed later
     again = dataclasses.replace(settings, concurrency=2)
     assert (again.prefetched, again.capacity) == (2, 4)
-    assert WorkerSettings(name="w1").worker_name() == "w1"
-    assert WorkerSettings().worker_name().endswith(f"-{__import__('os').getpid()}")
 
 
 def test_the_inbox_wakes_a_poller_and_refuses_puts_after_close() -> None:

@@ -571,8 +571,9 @@ class IOLoop:
 
     def _send_result(self, batch: list[TaskOutcome], now: float) -> None:
         seq = self._outstanding.next_seq()
-        results = [
-            {
+        results = []
+        for o in batch:
+            item = {
                 "id": o.id,
                 "attempt": o.attempt,
                 "ok": o.ok,
@@ -580,11 +581,9 @@ class IOLoop:
                 "error": o.error,
                 "retry": o.retry,
             }
-            for o in batch
-        ]
-        for item, o in zip(results, batch, strict=True):
             if not o.started:  # only hand-backs say it: older brokers ignore it
                 item["started"] = False
+            results.append(item)
         frames = protocol.frames(PROTOCOL_WORKER, protocol.RESULT, {"seq": seq, "results": results})
         self._outstanding.add(seq, frames, now)
         self._results[seq] = batch

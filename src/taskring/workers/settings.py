@@ -7,8 +7,13 @@ import os
 import socket
 from typing import Literal
 
+from taskring.protocol import DEFAULT_LIMITS
 from taskring.security import CurveClientConfig
 from taskring.workers.errors import WorkerConfigError
+
+# Tasks a worker holds at most, running and prefetched: every held lease must fit
+# in one READY or HEARTBEAT, which carry at most max_batch pairs.
+MAX_HELD = DEFAULT_LIMITS.max_batch
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -26,7 +31,7 @@ class WorkerSettings:
     # Tasks held beyond those running, queued in this process: the next task is
     # here when a slot frees, instead of a broker round trip (and, with full
     # durability, a WAL sync) later. None: as many as `concurrency`, within the
-    # limit of 1000 held (`prefetched`). An attempt lost with this worker while
+    # limit of MAX_HELD (`prefetched`). An attempt lost with this worker while
     # its task likely waited here is spared, within a cap (broker/server.py,
     # _leases_lost and _retry).
     prefetch: int | None = None
@@ -44,13 +49,12 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.pool not in ("thread", "process"):
             raise WorkerConfigError(f"pool must be 'thread' or 'process', not {self.pool!r}")
-        # At most max_batch: every held lease must fit in one READY or HEARTBEAT.
-        if not 1 <= self.concurrency <= 1000:
-            raise WorkerConfigError(f"concurrency must be 1..1000, not {self.concurrency}")
-        if not 0 <= self.prefetched <= 1000 - self.concurrency:
+        if not 1 <= self.concurrency <= MAX_HELD:
+            raise WorkerConfigError(f"concurrency must be 1..{MAX_HELD}, not {self.concurrency}")
+        if not 0 <= self.prefetched <= MAX_HELD - self.concurrency:
             raise WorkerConfigError(
-                f"prefetch must be 0..{1000 - self.concurrency} (concurrency + prefetch "
-                f"at most 1000), not {self.prefetch}"
+                f"prefetch must be 0..{MAX_HELD - self.concurrency} (concurrency + prefetch "
+                f"at most {MAX_HELD}), not {self.prefetch}"
             )
         if not self.heartbeat_s > 0 or self.liveness < 1 or not self.reconnect_max_s > 0:
             raise WorkerConfigError("heartbeat_s and reconnect_max_s must be > 0, liveness >= 1")
@@ -68,7 +72,7 @@ class WorkerSettings:
     def prefetched(self) -> int:
         """Tasks held waiting beyond those running: `prefetch`, or its default."""
         if self.prefetch is None:
-            return min(self.concurrency, 1000 - self.concurrency)
+            return min(self.concurrency, MAX_HELD - self.concurrency)
         return self.prefetch
 
     @property
