@@ -614,12 +614,13 @@ def test_an_outcome_is_sized_in_bytes_so_a_result_of_emoji_errors_stays_under_th
 SMALL_BROKER = dataclasses.asdict(protocol.DEFAULT_LIMITS) | {"max_message_bytes": 65_536}
 
 
-def welcomed_by_small_broker(stepped: Stepped) -> None:
-    """The broker says DISCONNECT, and WELCOMEs the new READY announcing 64 KiB messages."""
+def welcomed_by_small_broker(stepped: Stepped, limits: dict[str, int] = SMALL_BROKER) -> None:
+    """The broker says DISCONNECT, and WELCOMEs the new READY announcing `limits`
+    (by default 64 KiB messages)."""
     broker, io = stepped
     broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
     step_until(io, lambda: not io.welcomed)
-    broker.welcome(broker.recv(protocol.READY)["seq"], limits=SMALL_BROKER)
+    broker.welcome(broker.recv(protocol.READY)["seq"], limits=limits)
     step_until(io, lambda: io.welcomed)
 
 
@@ -677,6 +678,24 @@ def test_a_result_or_state_too_large_for_the_broker_s_messages_fails_at_once(
     # And the checkpoint fails in its task at once, instead of being sent without end
     with pytest.raises(RequestRejected, match="too-large"):
         big.waiter.wait()
+
+
+def test_a_result_over_the_broker_s_max_result_bytes_fails_at_once(stepped: Stepped) -> None:
+    # Given a worker welcomed by a broker that takes results of 1,000 bytes at most
+    broker, io = stepped
+    limits = dataclasses.asdict(protocol.DEFAULT_LIMITS) | {"max_result_bytes": 1000}
+    welcomed_by_small_broker(stepped, limits)
+    # When one task returns 2,000 bytes and another 10, finishing in the same turn
+    io.inbox.put(TaskOutcome(1, 1, True, b"v" * 2000, None, True))
+    io.inbox.put(TaskOutcome(2, 1, True, b"v" * 10, None, True))
+    io.poll_once(timeout_s=0)
+    # Then the first RESULT already reports the large one failed, for good, saying
+    # why, beside the small one's value: the broker never sees the value it would refuse
+    (body, *_) = [body for command, body in broker.pump(0.3) if command == protocol.RESULT]
+    items = {item["id"]: item for item in items_of(body)}
+    assert (items[1]["ok"], items[1]["retry"], items[1]["value"]) == (False, False, None)
+    assert items[1]["error"] == "result of 2000 bytes exceeds the broker's max_result_bytes (1000)"
+    assert (items[2]["ok"], items[2]["value"]) == (True, b"v" * 10)
 
 
 def test_a_broker_heartbeat_naming_a_held_attempt_stale_reaches_its_task(

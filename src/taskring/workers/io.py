@@ -453,12 +453,13 @@ class IOLoop:
             for o in outcomes:
                 self._send_result([o], now)
         elif outcomes and outcomes[0].ok:
-            # Its value broke a broker limit (one smaller than ours): the task failed,
-            # and another attempt would only make the same value.
+            # Its value broke a broker limit that WELCOME did not announce (a broker
+            # from before max_result_bytes was adopted, say): the task failed, and
+            # another attempt would only make the same value.
             (o,) = outcomes
             log.error("broker rejected the result of task %s attempt %s", o.id, o.attempt)
             error = f"the broker refused the result ({code}): {message}"
-            self._send_result([o._replace(ok=False, value=None, error=error, retry=False)], now)
+            self._send_result([_failed(o, error)], now)
         elif outcomes:
             (o,) = outcomes
             log.error("broker rejected the outcome of task %s attempt %s; dropped", o.id, o.attempt)
@@ -527,6 +528,9 @@ class IOLoop:
         own = self.limits
         largest = max(own.max_result_bytes + 4 * own.max_error_len, own.max_checkpoint_bytes)
         self._item_room = room if room < largest + 64 else None
+        # The runner already keeps results within this worker's own max_result_bytes.
+        cap = limits.max_result_bytes
+        self._result_cap = cap if cap < own.max_result_bytes else None
 
     def _too_large(self, size: int) -> str:
         limit = self._send_limits.max_message_bytes
@@ -548,26 +552,26 @@ class IOLoop:
     def _send_results(self, now: float) -> None:
         """All of this turn's outcomes in one RESULT, split only by the message limits.
 
-        A result too large for any message is sent as the failure it is.
+        A result the broker would refuse is sent as the failure it is.
         """
         outcomes = self._finished
-        if (room := self._item_room) is not None:
-            outcomes = [
-                o
-                if _outcome_bytes(o) <= room
-                else o._replace(
-                    ok=False,
-                    value=None,
-                    error="result: " + self._too_large(len(o.value or b"")),
-                    retry=False,
-                )
-                for o in outcomes
-            ]
+        if self._item_room is not None or self._result_cap is not None:
+            outcomes = [self._sendable(o) for o in outcomes]
         for batch in protocol.split_by_size(
             outcomes, _outcome_bytes, self._send_limits, task_id=attrgetter("id")
         ):
             self._send_result(batch, now)
         self._finished = []
+
+    def _sendable(self, o: TaskOutcome) -> TaskOutcome:
+        """The outcome, or the failure it is if its value is over the broker's limits."""
+        size = len(o.value or b"")
+        if self._result_cap is not None and size > self._result_cap:
+            error = f"result of {size} bytes exceeds the broker's max_result_bytes"
+            return _failed(o, f"{error} ({self._result_cap})")
+        if self._item_room is not None and _outcome_bytes(o) > self._item_room:
+            return _failed(o, "result: " + self._too_large(size))
+        return o
 
     def _send_result(self, batch: list[TaskOutcome], now: float) -> None:
         seq = self._outstanding.next_seq()
@@ -616,14 +620,21 @@ class IOLoop:
 
 
 def _smaller(own: protocol.Limits, broker: dict[str, int]) -> protocol.Limits:
-    """What this worker may send: its own message bounds, or the broker's if smaller.
+    """What this worker may send: its own bounds, or the broker's if smaller.
 
     Over the broker's max_message_bytes, the answer is an ERROR without a seq (which
     names no message to give up on) or, past ZMQ_MAXMSGSIZE, a dropped connection.
+    A result over its max_result_bytes is refused with the whole RESULT it came in.
     """
-    bounds = ("max_message_bytes", "max_batch")
+    bounds = ("max_message_bytes", "max_batch", "max_result_bytes")
     tighter = {k: min(getattr(own, k), broker[k]) for k in bounds if k in broker}
     return dataclasses.replace(own, **tighter)
+
+
+def _failed(outcome: TaskOutcome, error: str) -> TaskOutcome:
+    """A result the broker would refuse, as the failure it is: another attempt would
+    only make the same value."""
+    return outcome._replace(ok=False, value=None, error=error, retry=False)
 
 
 def _checkpoint_bytes(request: CheckpointRequest) -> int:
