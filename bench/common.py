@@ -243,20 +243,37 @@ def start_echo(children: Children) -> str:
     """The raw pyzmq ROUTER echo server (zmq_echo.py), answering once before this returns."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     children.start("zmq-echo", [sys.executable, str(BENCH_DIR / "zmq_echo.py"), endpoint])
+    _wait_answer(children, endpoint, b"ping", "the echo server")
+    return endpoint
+
+
+def start_durable_relay(children: Children, db: Path, synchronous: str) -> str:
+    """durable_relay.py's relay and worker, answering once before this returns."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    script = str(BENCH_DIR / "durable_relay.py")
+    children.start("relay", [sys.executable, script, "relay", endpoint, str(db), synchronous])
+    children.start("relay-worker", [sys.executable, script, "worker", endpoint])
+    _wait_answer(children, endpoint, b"ping", "the durable relay and its worker")
+    return endpoint
+
+
+def _wait_answer(children: Children, endpoint: str, ping: bytes, what: str) -> None:
+    """Send `ping` until one is answered, then drop the answers to the others."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        sock.send(b"ping")
 
         def answered() -> int:
             children.check()
+            sock.send(ping)
             return sock.poll(100)
 
-        wait_for(answered, READY_TIMEOUT_S, "the echo server")
+        wait_for(answered, READY_TIMEOUT_S, what)
+        while sock.poll(200):
+            sock.recv_multipart()
     finally:
         sock.close(linger=0)
-    return endpoint
 
 
 def start_redis(children: Children) -> tuple[str, str] | None:
