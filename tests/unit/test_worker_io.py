@@ -352,6 +352,42 @@ def test_after_registering_again_a_stopping_worker_says_it_drains_before_handing
     assert finish_and_leave(broker, w, "again")["ok"]
 
 
+def test_a_stopping_worker_that_cannot_tell_the_broker_starts_none_of_its_waiting_tasks(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a worker running task 1, with 2 and 3 waiting for its one slot (a long
+    # liveness window: the worker must not reconnect while the test waits)
+    w = start(concurrency=1, prefetch=2, liveness=30)
+    broker.register(liveness=30)
+    later = [assignment(i, "wt.wait", "later") for i in (2, 3)]
+    broker.dispatch(assignment(1, "wt.wait", "away"), *later)
+    assert worker_tasks.gate("away:started").wait(5)
+    # When the broker forgets it, and it is asked to stop before it is welcomed back
+    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
+    ready = broker.skip_to(protocol.READY)
+    w.worker.stop()
+    # And task 1 finishes while the broker cannot be told that the worker drains
+    worker_tasks.gate("away").set()
+    # Then the freed slot starts neither waiting task: the broker may lease them to
+    # another worker meanwhile, and both would run them
+    assert not worker_tasks.gate("later:started").wait(0.5)
+    # And, welcomed back, it says it drains, then hands them back unstarted
+    welcomed_at = time.monotonic()
+    broker.welcome(ready["seq"], liveness=30)
+    done: dict[int, dict[str, Any]] = {}
+    while len(done) < 3:
+        body = broker.skip_to(protocol.RESULT)
+        done |= {item["id"]: item for item in body["results"]}
+        broker.ack(body["seq"])
+    assert done[1]["ok"] and "started" not in done[1]
+    for task_id in (2, 3):
+        assert (done[task_id]["ok"], done[task_id]["started"]) == (False, False)
+    assert [b.get("draining") for at, b in broker.heartbeats if at > welcomed_at][:1] == [True]
+    assert broker.skip_to(protocol.DISCONNECT)["reason"] == "shutdown"
+    w.join(5)
+    assert not worker_tasks.gate("later:started").is_set()
+
+
 def test_a_stopping_worker_welcomed_with_smaller_limits_says_it_drains_before_resending(
     broker: FakeBroker, start: Start
 ) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import select
 from typing import Any
 
@@ -18,7 +17,7 @@ from taskring.registry import registered
 from taskring.workers import TaskContext, Worker, WorkerConfigError, WorkerSettings
 from taskring.workers.inbox import Inbox
 from taskring.workers.loading import load_modules
-from taskring.workers.pools import _take_waiting
+from taskring.workers.pools import WaitingLine
 from taskring.workers.runner import run_assignment
 
 
@@ -172,15 +171,33 @@ def test_arguments_that_do_not_fit_fail_at_once_without_retry() -> None:
 
 
 def test_taking_the_waiting_tasks_leaves_a_slot_s_stop_signal_in_the_queue() -> None:
-    # Given a pool queue holding two assignments, then the signal that stops one slot
-    waiting: queue.SimpleQueue[Assignment | None] = queue.SimpleQueue()
+    # Given a waiting line holding two assignments, then the signal that stops one slot
+    waiting = WaitingLine()
     first, second = (Assignment(i, 1, "wt.add", b"", None, 0) for i in (1, 2))
-    for item in (first, second, None):
-        waiting.put(item)
+    waiting.put(first)
+    waiting.put(second)
+    waiting.stop_slots(1)
     # When the waiting tasks are taken
-    taken = _take_waiting(waiting)
+    taken = waiting.take()
     # Then both assignments come out, and the stop signal is still there for its slot
     assert taken == [first, second]
-    assert waiting.get_nowait() is None and waiting.empty()
-    # And an empty queue gives nothing
-    assert _take_waiting(waiting) == []
+    assert waiting.next_to_start() is None
+    # And an empty line gives nothing
+    assert waiting.take() == []
+
+
+def test_once_told_to_stop_starting_a_slot_sets_aside_what_it_takes() -> None:
+    # Given a waiting line of three assignments, the first of them started
+    waiting = WaitingLine()
+    tasks = [Assignment(i, 1, "wt.add", b"", None, 0) for i in (1, 2, 3)]
+    for a in tasks:
+        waiting.put(a)
+    assert waiting.next_to_start() == tasks[0]
+    # When the worker stops starting tasks, and a slot that frees takes the next
+    waiting.stop_starting()
+    waiting.stop_slots(1)
+    # Then the slot starts nothing and stops
+    assert waiting.next_to_start() is None
+    # And both unstarted assignments are there to be handed back, in order
+    assert waiting.take() == tasks[1:]
+    assert waiting.take() == []

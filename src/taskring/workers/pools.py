@@ -14,6 +14,7 @@ assignments and carries its checkpoints and results.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -49,6 +50,7 @@ class Sink(Protocol):
 class Pool(Protocol):
     def start(self, sink: Sink) -> None: ...
     def submit(self, assignment: Assignment) -> None: ...
+    def stop_starting(self) -> None: ...
     def take_waiting(self) -> list[Assignment]: ...
     def close(self, timeout_s: float) -> None: ...
 
@@ -65,18 +67,56 @@ def _gone_before_start(a: Assignment, sink: Sink, limits: protocol.Limits) -> Ta
     return failure(a, error, retry=True, started=False, limits=limits)
 
 
-def _take_waiting(waiting: queue.SimpleQueue[Assignment | None]) -> list[Assignment]:
-    """Assignments no thread has picked up yet; each get is atomic, so none starts after."""
-    taken: list[Assignment] = []
-    while True:
-        try:
-            a = waiting.get_nowait()
-        except queue.Empty:
-            return taken
-        if a is None:
-            waiting.put(None)  # a slot's signal to stop, not ours to take
-            return taken
-        taken.append(a)
+class WaitingLine:
+    """Assignments waiting for a slot, shared by the slots of one pool.
+
+    After stop_starting(), a slot that takes an assignment sets it aside instead
+    of starting it: a stopping worker starts nothing more, also while it cannot
+    tell the broker that it drains (the broker may lease those tasks to another
+    worker meanwhile). take() returns what waits, set aside or still queued, to
+    be handed back unstarted.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Assignment | None] = queue.SimpleQueue()
+        self._set_aside: collections.deque[Assignment] = collections.deque()
+        # A plain flag: stop_starting() may run in a signal handler.
+        self._starting = True
+
+    def put(self, assignment: Assignment) -> None:
+        self._queue.put(assignment)
+
+    def stop_slots(self, count: int) -> None:
+        """Tell `count` slots to return once the assignments ahead are taken."""
+        for _ in range(count):
+            self._queue.put(None)
+
+    def stop_starting(self) -> None:
+        self._starting = False
+
+    def next_to_start(self) -> Assignment | None:
+        """Block until a slot should start an assignment; None: the slot stops."""
+        while (a := self._queue.get()) is not None:
+            if self._starting:
+                return a
+            self._set_aside.append(a)
+        return None
+
+    def take(self) -> list[Assignment]:
+        """Assignments no slot has started; each get is atomic, so none starts after."""
+        taken: list[Assignment] = []
+        with contextlib.suppress(IndexError):
+            while True:
+                taken.append(self._set_aside.popleft())
+        while True:
+            try:
+                a = self._queue.get_nowait()
+            except queue.Empty:
+                return taken
+            if a is None:
+                self._queue.put(None)  # a slot's signal to stop, not ours to take
+                return taken
+            taken.append(a)
 
 
 class ThreadPool:
@@ -86,7 +126,7 @@ class ThreadPool:
         self._concurrency = concurrency
         self._specs = dict(specs)
         self._limits = limits
-        self._queue: queue.SimpleQueue[Assignment | None] = queue.SimpleQueue()
+        self._waiting = WaitingLine()
         self._threads: list[threading.Thread] = []
 
     def start(self, sink: Sink) -> None:
@@ -97,13 +137,16 @@ class ThreadPool:
             self._threads.append(t)
 
     def submit(self, assignment: Assignment) -> None:
-        self._queue.put(assignment)
+        self._waiting.put(assignment)
+
+    def stop_starting(self) -> None:
+        self._waiting.stop_starting()
 
     def take_waiting(self) -> list[Assignment]:
-        return _take_waiting(self._queue)
+        return self._waiting.take()
 
     def _loop(self, sink: Sink) -> None:
-        while (a := self._queue.get()) is not None:
+        while (a := self._waiting.next_to_start()) is not None:
             outcome = _gone_before_start(a, sink, self._limits)
             if outcome is not None:
                 sink.finished(outcome)
@@ -117,8 +160,7 @@ class ThreadPool:
             sink.finished(outcome)
 
     def close(self, timeout_s: float) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
+        self._waiting.stop_slots(len(self._threads))
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -323,7 +365,7 @@ class _Slot:
         error = self._spawn()  # warm up now, not when the first task is waiting
         if error is not None:
             log.error("worker process %d cannot start: %s", self.index, error)
-        while (a := self.pool.queue.get()) is not None:
+        while (a := self.pool.waiting.next_to_start()) is not None:
             outcome = _gone_before_start(a, sink, self.pool.limits) or self._run(a, sink)
             sink.finished(outcome)
             # Replace a dead child at once, not when the next task is waiting.
@@ -350,7 +392,7 @@ class ProcessPool:
         self.mp: Any = multiprocessing.get_context(
             start_method
         )  # typeshed lacks .Process on BaseContext
-        self.queue: queue.SimpleQueue[Assignment | None] = queue.SimpleQueue()
+        self.waiting = WaitingLine()
         self.kill_at: float | None = None  # set by close(): children still busy then are killed
         self.sink: Sink
         self._slots = [_Slot(self, i) for i in range(concurrency)]
@@ -361,15 +403,17 @@ class ProcessPool:
             slot.thread.start()
 
     def submit(self, assignment: Assignment) -> None:
-        self.queue.put(assignment)
+        self.waiting.put(assignment)
+
+    def stop_starting(self) -> None:
+        self.waiting.stop_starting()
 
     def take_waiting(self) -> list[Assignment]:
-        return _take_waiting(self.queue)
+        return self.waiting.take()
 
     def close(self, timeout_s: float) -> None:
         self.kill_at = time.monotonic() + timeout_s
-        for _ in self._slots:
-            self.queue.put(None)
+        self.waiting.stop_slots(len(self._slots))
         deadline = self.kill_at + 10.0  # killing and reaping a child is quick
         for slot in self._slots:
             slot.thread.join(max(0.0, deadline - time.monotonic()))

@@ -51,6 +51,7 @@ class Worker:
         self._drain = True
         self._lock = threading.Lock()  # guards _io between run() and stop()
         self._io: IOLoop | None = None
+        self._pool: Pool | None = None
         self._started = False
 
     def stop(self, *, drain: bool = True) -> None:
@@ -58,7 +59,12 @@ class Worker:
         if not drain:
             self._drain = False
         self._stop.set()
-        io = self._io  # no lock: stop() may run in a signal handler inside run()'s thread
+        pool = self._pool  # no lock: stop() may run in a signal handler inside run()'s thread
+        if pool is not None:
+            # No task starts from now on, not even when the broker cannot hear that
+            # this worker drains; what waits goes back once it can (IOLoop.poll_once).
+            pool.stop_starting()
+        io = self._io
         if io is not None:
             # A plain flag the loop reads each turn: it tells the broker to send no more.
             io.stopping = True
@@ -99,6 +105,9 @@ class Worker:
             journal=journal,
         )
         self._io = io
+        self._pool = pool
+        if self._stop.is_set():
+            pool.stop_starting()  # stop() came before there was a pool to tell
         drained = False
         try:
             pool.start(io)
