@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -160,6 +161,20 @@ def test_a_broker_whose_message_limit_cannot_carry_a_task_is_refused(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == ExitCode.USAGE, result.output
     assert "--max-message-bytes 262144 cannot carry one task" in one_line(result.stderr)
+    assert not db.exists()
+
+
+def test_a_broker_on_a_sqlite_too_old_says_so_without_blaming_the_file(tmp_path, monkeypatch):
+    # Given a Python whose SQLite predates UPDATE ... FROM
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    db = tmp_path / "tasks.db"
+    # When the broker is started, Then it refuses in one line that names the version
+    result = runner.invoke(app, ["broker", "--db", str(db), "--log-level", "error"])
+    assert result.exit_code == ExitCode.USAGE, result.output
+    line = one_line(result.stderr)
+    assert "needs SQLite 3.33 or later" in line and "3.31.1" in line
+    assert str(db) not in line
     assert not db.exists()
 
 

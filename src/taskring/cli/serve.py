@@ -115,6 +115,8 @@ def broker(
         )
     except zmq.ZMQError as e:
         fail(f"cannot serve on {endpoint}: {e}")
+    except sqlite3.NotSupportedError as e:
+        fail(str(e))  # this Python's SQLite is at fault, not the file
     except (sqlite3.Error, OSError) as e:
         fail(f"task log {str(db)!r}: {e}")
     except TaskringError as e:
