@@ -40,6 +40,13 @@ _LOG_NUMBERS = itertools.count(1)  # one sequence for every log of this run
 NOOP = "bench.noop"  # the task names bench_tasks.py registers
 CHECKPOINTS = "bench.checkpoints"
 TASKRING = [sys.executable, "-m", "taskring"]
+# The throughput workload's workers: as many threads as Dramatiq's workers use
+# (its default, throughput.py's --dramatiq-threads), each holding 100 tasks as
+# in the rounds before the seventh (50 threads + 50 prefetched). With no-op
+# tasks 50 threads cost the worker more CPU per task than 8 (29 against 24 us,
+# two workers together, paired runs): more of them sleep and are woken.
+THROUGHPUT_CONCURRENCY = 8
+THROUGHPUT_PREFETCH = 92
 
 
 class BenchError(Exception):

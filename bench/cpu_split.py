@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from common import NOOP, Children, Taskring
+from common import NOOP, THROUGHPUT_CONCURRENCY, THROUGHPUT_PREFETCH, Children, Taskring
 from report import workdir
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -32,8 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--prefetch", type=int, default=None, help="default: the worker's")
+    parser.add_argument("--concurrency", type=int, default=THROUGHPUT_CONCURRENCY)
+    parser.add_argument("--prefetch", type=int, default=THROUGHPUT_PREFETCH)
     parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true")
@@ -56,7 +56,7 @@ def main() -> None:
     print(
         f"{args.tasks:,} tasks in {elapsed:.2f} s: {args.tasks / elapsed:,.0f} tasks/s "
         f"(--synchronous {args.synchronous}, {args.workers} workers x {args.concurrency}, "
-        f"prefetch {'the default' if args.prefetch is None else args.prefetch})"
+        f"prefetch {args.prefetch})"
     )
     spent["all"] = sum(spent.values())
     for name, seconds in spent.items():

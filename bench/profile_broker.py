@@ -20,7 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH_DIR, NOOP, Children, Taskring
+from common import (
+    BENCH_DIR,
+    NOOP,
+    THROUGHPUT_CONCURRENCY,
+    THROUGHPUT_PREFETCH,
+    Children,
+    Taskring,
+)
 
 
 def summarize(folded: Path, top: int = 25) -> str:
@@ -46,7 +53,8 @@ def summarize(folded: Path, top: int = 25) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20_000)
-    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=THROUGHPUT_CONCURRENCY)
+    parser.add_argument("--prefetch", type=int, default=THROUGHPUT_PREFETCH)
     parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
     parser.add_argument("--process", choices=("broker", "worker"), default="broker")
     parser.add_argument("--out", default=None, help="default bench/profiles/PROCESS-throughput")
@@ -60,7 +68,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, Children(Path(tmp)) as children:
         cluster = Taskring(children, synchronous=args.synchronous)
         broker = cluster.start_broker(Path(tmp) / "tasks.db")
-        workers = cluster.start_workers(2, args.concurrency)
+        workers = cluster.start_workers(2, args.concurrency, args.prefetch)
         cluster.wait_workers(2)
         target = broker if args.process == "broker" else workers[0]
         spy = subprocess.Popen(

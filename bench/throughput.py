@@ -1,6 +1,7 @@
 """Throughput: N no-op tasks end to end, first submit to last result, on 2 worker processes.
 
-taskring: a broker and `taskring worker bench_tasks --concurrency K`, W times;
+taskring: a broker and `taskring worker bench_tasks --concurrency K --prefetch P`, W
+times (K = 8, as Dramatiq's threads, and P = 92 by default);
 the client submits everything with submit_many, then waits with wait().
 References, measured in the same invocation and interleaved with it run by run:
 
@@ -21,11 +22,18 @@ import time
 from pathlib import Path
 
 import zmq
-from common import NOOP, BenchError, Children, Taskring, median, start_echo
+from common import (
+    NOOP,
+    THROUGHPUT_CONCURRENCY,
+    THROUGHPUT_PREFETCH,
+    BenchError,
+    Children,
+    Taskring,
+    median,
+    start_echo,
+)
 from references import RESULT_TIMEOUT_S, References, dramatiq_workers, huey_consumer, wait_huey
 from report import Goal, base_parser, header, runs, show_goals, table, taskring_durability, workdir
-
-from taskring.workers import WorkerSettings
 
 GOAL_RATE = 12_500  # tasks/s
 GOAL_VS_DRAMATIQ = 10.0
@@ -42,15 +50,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=50,
-        help="taskring tasks in flight per worker (default 50)",
+        default=THROUGHPUT_CONCURRENCY,
+        help=f"taskring task threads per worker (default {THROUGHPUT_CONCURRENCY}, "
+        "as Dramatiq's threads)",
     )
     parser.add_argument(
         "--prefetch",
         type=int,
-        default=None,
-        help="taskring tasks each worker holds beyond those running (default: the worker's "
-        "default, as many as --concurrency)",
+        default=THROUGHPUT_PREFETCH,
+        help="taskring tasks each worker holds beyond those running "
+        f"(default {THROUGHPUT_PREFETCH}: 100 held per worker)",
     )
     parser.add_argument(
         "--dramatiq-threads", type=int, default=8, help="threads per Dramatiq process (default 8)"
@@ -58,10 +67,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", default="taskring,zmq,huey,dramatiq", help="systems to run, comma-separated"
     )
-    args = parser.parse_args(argv)
-    if args.prefetch is None:  # shown in the report, so it is the worker's default spelled out
-        args.prefetch = WorkerSettings(concurrency=args.concurrency).prefetched
-    return args
+    return parser.parse_args(argv)
 
 
 def run_taskring(work: Path, args: argparse.Namespace, rep: int) -> float:
