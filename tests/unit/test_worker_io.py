@@ -356,8 +356,9 @@ def test_a_stopping_worker_that_cannot_tell_the_broker_starts_none_of_its_waitin
     broker: FakeBroker, start: Start
 ) -> None:
     # Given a worker running task 1, with 2 and 3 waiting for its one slot (a long
-    # liveness window: the worker must not reconnect while the test waits)
-    w = start(concurrency=1, prefetch=2, liveness=30)
+    # liveness window: the worker must not reconnect while the test waits; and a
+    # long flush timeout, within which unstarted tasks wait for a broker to hear)
+    w = start(concurrency=1, prefetch=2, liveness=30, flush_timeout_s=10)
     broker.register(liveness=30)
     later = [assignment(i, "wt.wait", "later") for i in (2, 3)]
     broker.dispatch(assignment(1, "wt.wait", "away"), *later)
@@ -386,6 +387,29 @@ def test_a_stopping_worker_that_cannot_tell_the_broker_starts_none_of_its_waitin
     assert broker.skip_to(protocol.DISCONNECT)["reason"] == "shutdown"
     w.join(5)
     assert not worker_tasks.gate("later:started").is_set()
+
+
+def test_a_stopping_worker_whose_broker_stays_away_leaves_once_its_running_task_is_done(
+    broker: FakeBroker, start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a worker running task 1, with 2 and 3 waiting, and a long drain timeout
+    w = start(concurrency=1, prefetch=2, liveness=30, drain_timeout_s=30, flush_timeout_s=0.5)
+    broker.register(liveness=30)
+    later = [assignment(i, "wt.wait", "away-for-good") for i in (2, 3)]
+    broker.dispatch(assignment(1, "wt.wait", "gone"), *later)
+    assert worker_tasks.gate("gone:started").wait(5)
+    # When the broker forgets it and never welcomes it back, and it is asked to stop
+    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
+    broker.skip_to(protocol.READY)
+    w.worker.stop()
+    worker_tasks.gate("gone").set()
+    # Then it does not wait out the drain timeout for tasks it never started: it
+    # leaves after the flush timeout, having started neither, and says so
+    w.join(10)
+    assert not w.thread.is_alive()
+    assert not worker_tasks.gate("away-for-good:started").is_set()
+    assert "2 task(s) not started and not handed back" in caplog.text
+    assert "still running at stop" not in caplog.text
 
 
 def test_a_stopping_worker_welcomed_with_smaller_limits_says_it_drains_before_resending(

@@ -193,11 +193,13 @@ def test_once_told_to_stop_starting_a_slot_sets_aside_what_it_takes() -> None:
     for a in tasks:
         waiting.put(a)
     assert waiting.next_to_start() == tasks[0]
+    assert waiting.unstarted() == 2
     # When the worker stops starting tasks, and a slot that frees takes the next
     waiting.stop_starting()
     waiting.stop_slots(1)
     # Then the slot starts nothing and stops
     assert waiting.next_to_start() is None
     # And both unstarted assignments are there to be handed back, in order
+    assert waiting.unstarted() == 2
     assert waiting.take() == tasks[1:]
-    assert waiting.take() == []
+    assert waiting.take() == [] and waiting.unstarted() == 0

@@ -51,6 +51,7 @@ class Pool(Protocol):
     def start(self, sink: Sink) -> None: ...
     def submit(self, assignment: Assignment) -> None: ...
     def stop_starting(self) -> None: ...
+    def unstarted(self) -> int: ...
     def take_waiting(self) -> list[Assignment]: ...
     def close(self, timeout_s: float) -> None: ...
 
@@ -93,6 +94,10 @@ class WaitingLine:
 
     def stop_starting(self) -> None:
         self._starting = False
+
+    def unstarted(self) -> int:
+        """How many wait, queued or set aside (a slot's stop signals count only after close)."""
+        return self._queue.qsize() + len(self._set_aside)
 
     def next_to_start(self) -> Assignment | None:
         """Block until a slot should start an assignment; None: the slot stops."""
@@ -141,6 +146,9 @@ class ThreadPool:
 
     def stop_starting(self) -> None:
         self._waiting.stop_starting()
+
+    def unstarted(self) -> int:
+        return self._waiting.unstarted()
 
     def take_waiting(self) -> list[Assignment]:
         return self._waiting.take()
@@ -407,6 +415,9 @@ class ProcessPool:
 
     def stop_starting(self) -> None:
         self.waiting.stop_starting()
+
+    def unstarted(self) -> int:
+        return self.waiting.unstarted()
 
     def take_waiting(self) -> list[Assignment]:
         return self.waiting.take()

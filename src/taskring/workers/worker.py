@@ -113,8 +113,9 @@ class Worker:
             pool.start(io)
             while not self._stop.is_set():
                 io.poll_once()
-            drained = self._drain_and_flush(io)
+            drained = self._drain_and_flush(io, pool)
         finally:
+            pool.stop_starting()  # also when the loop raised: a freed slot starts nothing
             # Not started, and not to be: the broker queues them again when we leave.
             pool.take_waiting()
             io.close(disconnect=True, linger_s=min(0.5, s.heartbeat_s))
@@ -130,24 +131,37 @@ class Worker:
         else:
             log.info("worker %s registered again", self.name)
 
-    def _drain_and_flush(self, io: IOLoop) -> bool:
-        """Finish running tasks and get their results ACKed, within the time limits."""
+    def _drain_and_flush(self, io: IOLoop, pool: Pool) -> bool:
+        """Finish the running tasks, hand back the unstarted ones, and get every outcome
+        ACKed, within the time limits. True if no started task was left running."""
         io.stopping = True
+
+        def started() -> int:
+            # Tasks no slot started wait for a broker to hand them back to, not for a slot.
+            return len(io.running) - pool.unstarted()
+
         deadline = time.monotonic() + (self.settings.drain_timeout_s if self._drain else 0.0)
-        while io.running and self._drain and time.monotonic() < deadline:
+        while started() > 0 and self._drain and time.monotonic() < deadline:
             io.poll_once()
-        if io.running:
+        if started() > 0:
             log.warning(
                 "worker %s: %d task(s) still running at stop; the broker will re-run them",
                 self.name,
-                len(io.running),
+                started(),
             )
         deadline = time.monotonic() + self.settings.flush_timeout_s
-        while io.unacked and self._drain and time.monotonic() < deadline:
+        while (io.unacked or pool.unstarted()) and self._drain and time.monotonic() < deadline:
             io.poll_once()
+        if pool.unstarted():
+            log.warning(
+                "worker %s: %d task(s) not started and not handed back (no broker heard "
+                "that this worker drains); the broker queues them again once it is gone",
+                self.name,
+                pool.unstarted(),
+            )
         if io.unacked:
             log.warning("worker %s: %d message(s) never ACKed", self.name, io.unacked)
-        return not io.running
+        return started() <= 0
 
 
 def run_worker(settings: WorkerSettings) -> None:
