@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.unit.worker_fakes import FakeBroker, WorkerThread, assignment, settings
@@ -92,6 +95,57 @@ def test_a_checkpoint_the_broker_rejects_fails_the_task_in_the_child(
     broker.dispatch(assignment(5, "wt.add", 2, 3))
     _, results = broker.result(timeout_s=30)
     assert protocol.unpack(results[5]["value"]) == 5
+
+
+def test_a_stopping_worker_that_cannot_tell_the_broker_starts_no_child_task(
+    broker: FakeBroker, tmp_path: Path
+) -> None:
+    # Given a process-pool worker running task 1 in its one child, 2 and 3 waiting
+    w = WorkerThread(
+        settings(
+            endpoint=broker.endpoint,
+            pool="process",
+            concurrency=1,
+            prefetch=2,
+            liveness=30,
+            flush_timeout_s=30,
+        )
+    )
+    try:
+        broker.register(liveness=30)
+        first, later = str(tmp_path / "first"), str(tmp_path / "later")
+        waiting = (assignment(i, "wt.file_gate", later) for i in (2, 3))
+        broker.dispatch(assignment(1, "wt.file_gate", first), *waiting)
+        wait_for_file(first + ".started")
+        # When the broker forgets it, and it is asked to stop before it is welcomed back
+        broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
+        ready = broker.skip_to(protocol.READY)
+        w.worker.stop()
+        # And task 1 finishes, freeing the child
+        Path(first).touch()
+        time.sleep(0.5)
+        # Then the child starts neither waiting task
+        assert not os.path.exists(later + ".started")
+        # And, welcomed back, the worker hands them back unstarted
+        broker.welcome(ready["seq"], liveness=30)
+        done: dict[int, dict[str, Any]] = {}
+        while len(done) < 3:
+            body = broker.skip_to(protocol.RESULT, timeout_s=20)
+            done |= {item["id"]: item for item in body["results"]}
+            broker.ack(body["seq"])
+        assert done[1]["ok"] and "started" not in done[1]
+        assert [done[i]["started"] for i in (2, 3)] == [False, False]
+        assert not os.path.exists(later + ".started")
+    finally:
+        Path(later).touch()  # a task that did start must not outlive the test
+        w.stop(drain=False)
+
+
+def wait_for_file(path: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
+        time.sleep(0.01)
 
 
 def test_the_process_pool_needs_modules() -> None:

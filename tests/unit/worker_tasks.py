@@ -39,6 +39,17 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+@task(name="wt.file_gate")
+def file_gate(path: str) -> str:
+    """A gate that works from a child process too: marks PATH.started, waits for PATH."""
+    with open(path + ".started", "w"):
+        pass
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return path
+
+
 @task(name="wt.wait")
 def wait_for(name: str) -> str:
     gate(f"{name}:started").set()
