@@ -1,4 +1,4 @@
-"""A minute of SIGKILL and SIGSTOP against a broker, three workers and two clients.
+"""SIGKILL, SIGSTOP and SIGTERM against a broker, three workers and two clients.
 
 The run (taskring.chaos, the code behind `taskring chaos`) prints its seed and
 schedule first; replay a failure with `pytest tests/chaos --chaos-seed N`.

@@ -536,6 +536,22 @@ def test_a_seed_names_one_schedule():
     assert all(0 < f.at_s < 59 for f in a)
     assert {f.target for f in a} <= {"broker", "w1", "w2", "w3"}
     assert all(f.action == "kill" for f in a if f.target == "broker")
+    assert [f.at_s for f in a] == sorted(f.at_s for f in a)
+    # And graceful stops are part of it, of workers only
+    stops = [f for f in a if f.action == "term"]
+    assert len(stops) >= 4 and all(f.target != "broker" for f in stops)
+
+
+def test_graceful_stops_leave_a_seed_s_kills_and_pauses_as_they_were():
+    # Given seed 42, whose first faults were these before graceful stops existed
+    before = [(2.28, "kill", "broker", 0.49), (3.95, "kill", "w3", 1.14)]
+    before += [(6.58, "kill", "w1", 0.14), (8.24, "kill", "w1", 0.89)]
+    # When its schedule is drawn now, Then its kills and pauses are unchanged: the
+    # graceful stops come from a stream of their own
+    faults = make_schedule(ChaosConfig(seed=42, duration_s=60))
+    others = [(f.at_s, f.action, f.target, f.pause_s) for f in faults if f.action != "term"]
+    assert others[:4] == before
+    assert len(others) == 25
 
 
 def test_a_log_from_before_spared_attempts_still_verifies(log):

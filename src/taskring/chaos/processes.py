@@ -30,6 +30,8 @@ class Supervisor:
         self.starts: collections.Counter[str] = collections.Counter()
         self.down: set[str] = set()  # killed on purpose, waiting for their restart
         self.paused: set[str] = set()  # SIGSTOPped on purpose
+        self.draining: set[str] = set()  # SIGTERMed on purpose: they drain and exit
+        self.started_at: dict[str, float] = {}  # monotonic time of each role's latest start
         self._args: dict[str, Callable[[int], Sequence[str]]] = {}
 
     def start(self, role: str, args: Callable[[int], Sequence[str]]) -> subprocess.Popen[bytes]:
@@ -47,6 +49,7 @@ class Supervisor:
                 start_new_session=True,
             )
         self.current[role] = proc
+        self.started_at[role] = time.monotonic()
         self.everything.append(proc)
         self.down.discard(role)
         return proc
@@ -65,10 +68,24 @@ class Supervisor:
         proc.wait()
         self.down.add(role)
         self.paused.discard(role)
+        self.draining.discard(role)
 
     def pause(self, role: str) -> None:
         self.current[role].send_signal(signal.SIGSTOP)
         self.paused.add(role)
+
+    def drain(self, role: str) -> None:
+        """SIGTERM without waiting: `role` drains and exits on its own (see drained())."""
+        self.current[role].send_signal(signal.SIGTERM)
+        self.draining.add(role)
+
+    def drained(self, role: str) -> int | None:
+        """The exit code once a draining `role` has exited (it is then down), else None."""
+        code = self.current[role].poll()
+        if code is not None:
+            self.draining.discard(role)
+            self.down.add(role)
+        return code
 
     def resume(self, role: str) -> None:
         if self.current[role].poll() is None:
@@ -80,7 +97,7 @@ class Supervisor:
         gone = []
         for role in roles:
             proc = self.current.get(role)
-            if proc is not None and role not in self.down:
+            if proc is not None and role not in self.down and role not in self.draining:
                 code = proc.poll()
                 if code is not None:
                     gone.append((role, code))

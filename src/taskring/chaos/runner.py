@@ -1,10 +1,12 @@
-"""A chaos run: one broker, workers and clients under SIGKILL and SIGSTOP, then the checker.
+"""A chaos run: a broker, workers and clients under SIGKILL, SIGSTOP and SIGTERM; then the check.
 
 1. Start the broker, the workers (taskring.chaos_tasks, each with --journal)
    and the client processes, on an ipc endpoint in the run's folder.
 2. Play the schedule: kill -9 the broker or a worker and restart it after a
-   pause, or SIGSTOP a worker for a while. A process that exits on its own
-   is a problem: it is reported and restarted.
+   pause, SIGSTOP a worker for a while, or SIGTERM a worker, which drains
+   and leaves, and start it again after a pause. A process that exits on
+   its own, or a drained worker that exits with an error, is a problem: it
+   is reported and restarted.
 3. End of the faults: everything is up again; the clients stop submitting.
 4. Drain: broker and workers run on until every task in the log is final
    (or `drain_timeout_s` passes); then they are stopped with SIGTERM.
@@ -31,6 +33,7 @@ from taskring.chaos.processes import Supervisor
 from taskring.chaos.schedule import (
     BROKER,
     KILL,
+    TERM,
     ChaosConfig,
     Fault,
     client_seed,
@@ -40,6 +43,7 @@ from taskring.client import Client
 from taskring.errors import TaskringError
 from taskring.verify import Report, check, format_report
 
+STARTING_S = 2.0  # a worker this young gets no SIGTERM: it may not handle it yet
 TICK_S = 0.02
 MAX_IPC_PATH = 100  # the kernel allows about 107 bytes for a unix socket path
 
@@ -251,8 +255,21 @@ class _Run:
         t0 = time.monotonic()
         faults = list(schedule)
         undo: list[tuple[float, str]] = []  # (due, role): restart a killed role, resume a paused
+        draining: dict[str, tuple[float, float]] = {}  # role -> (SIGTERM time, pause after exit)
         while True:
             elapsed = time.monotonic() - t0
+            for role, (sent, pause_s) in list(draining.items()):
+                code = self.sup.drained(role)
+                if code is None:
+                    continue
+                del draining[role]
+                self.out(f"{elapsed:7.2f} s  {role} drained and left after {elapsed - sent:.2f} s")
+                if code != 0:
+                    self._problem(
+                        f"{role} exited with code {code} after SIGTERM "
+                        f"(see {self.sup.log_path(role)})"
+                    )
+                undo.append((elapsed + pause_s, role))
             for item in sorted(u for u in undo if u[0] <= elapsed):
                 undo.remove(item)
                 self._undo(item[1], elapsed)
@@ -260,8 +277,12 @@ class _Run:
             if faults and faults[0].at_s <= elapsed:
                 fault = faults.pop(0)
                 if self._apply(fault, elapsed):
-                    undo.append((elapsed + fault.pause_s, fault.target))
-            elif elapsed >= self.config.duration_s and not faults:
+                    draining.pop(fault.target, None)  # a kill -9 can cut a drain short
+                    if fault.action == TERM:
+                        draining[fault.target] = (elapsed, fault.pause_s)
+                    else:
+                        undo.append((elapsed + fault.pause_s, fault.target))
+            elif elapsed >= self.config.duration_s and not faults and not draining:
                 break
             time.sleep(TICK_S)
         elapsed = time.monotonic() - t0
@@ -272,15 +293,27 @@ class _Run:
 
     def _apply(self, fault: Fault, elapsed: float) -> bool:
         role = fault.target
-        if role in self.sup.down or role in self.sup.paused:
+        busy = role in self.sup.draining and fault.action != KILL  # a drain may be cut short
+        # SIGTERM before the worker set its handler ends it at once, as it would any
+        # process that is still starting: there is no drain to test yet.
+        starting = time.monotonic() - self.sup.started_at[role] < STARTING_S
+        if role in self.sup.down or role in self.sup.paused or busy:
+            why = "is down, paused or draining"
+        elif fault.action == TERM and starting:
+            why = "is still starting"
+        else:
+            why = ""
+        if why:
             self.faults_skipped += 1
-            self.out(f"{elapsed:7.2f} s  skipped ({role} is already down): {fault.describe()}")
+            self.out(f"{elapsed:7.2f} s  skipped ({role} {why}): {fault.describe()}")
             return False
         self.faults_done += 1
         pid = self.sup.current[role].pid
         self.out(f"{elapsed:7.2f} s  {fault.describe()} (pid {pid})")
         if fault.action == KILL:
             self.sup.kill(role)
+        elif fault.action == TERM:
+            self.sup.drain(role)
         else:
             self.sup.pause(role)
         return True

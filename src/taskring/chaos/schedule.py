@@ -14,6 +14,7 @@ import random
 BROKER = "broker"
 KILL = "kill"  # SIGKILL, then start again (same name, same database) after `pause_s`
 STOP = "stop"  # SIGSTOP, then SIGCONT after `pause_s`
+TERM = "term"  # SIGTERM a worker: it drains and leaves; start again `pause_s` after it exits
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,18 +43,21 @@ class ChaosConfig:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Fault:
     at_s: float  # seconds after the clients started
-    action: str  # KILL or STOP
-    target: str  # BROKER or a worker name
-    pause_s: float  # until the restart (KILL) or the SIGCONT (STOP)
+    action: str  # KILL, STOP or TERM
+    target: str  # BROKER or a worker name (always a worker for TERM)
+    pause_s: float  # until the restart (KILL; TERM: after it exited) or the SIGCONT (STOP)
 
     def describe(self) -> str:
         if self.action == KILL:
             return f"kill -9 {self.target}, restart after {self.pause_s:.2f} s"
+        if self.action == TERM:
+            return f"SIGTERM {self.target} (it drains), restart {self.pause_s:.2f} s after it exits"
         return f"SIGSTOP {self.target} for {self.pause_s:.2f} s"
 
 
 def make_schedule(config: ChaosConfig) -> list[Fault]:
-    """Faults every 1-4 s: the broker killed (30%), a worker killed (50%) or paused (20%)."""
+    """Faults every 1-4 s: the broker killed (30%), a worker killed (50%) or paused (20%);
+    and every 6-12 s, from 5-10 s on, a worker stopped gracefully (SIGTERM)."""
     rng = random.Random(config.seed)
     faults: list[Fault] = []
     at = rng.uniform(1.0, 3.0)
@@ -66,6 +70,15 @@ def make_schedule(config: ChaosConfig) -> list[Fault]:
             worker = rng.choice(config.worker_names)
             faults.append(Fault(round(at, 2), action, worker, round(rng.uniform(0.1, 1.5), 2)))
         at += rng.uniform(1.0, 4.0)
+    # Graceful stops come from a stream of their own, so that a seed's kills and
+    # pauses stay the ones it drew before graceful stops were part of a run.
+    drains = random.Random(f"{config.seed}:term")
+    at = drains.uniform(5.0, 10.0)
+    while at < config.duration_s - 1.0:
+        worker = drains.choice(config.worker_names)
+        faults.append(Fault(round(at, 2), TERM, worker, round(drains.uniform(0.1, 1.0), 2)))
+        at += drains.uniform(6.0, 12.0)
+    faults.sort(key=lambda fault: fault.at_s)
     return faults
 
 

@@ -70,7 +70,7 @@ def chaos(
     show: ShowOption = 20,
     log_level: LogLevelOption = LogLevel.warning,
 ) -> None:
-    """Run a broker, 3 workers and 2 clients under kill -9, then check the history.
+    """Run a broker, 3 workers and 2 clients under kill -9 and SIGTERM, then check the history.
 
     Prints the seed and schedule (stderr), then the checker's report. Exit
     status: 0 if clean, 1 on a violation or a misbehaving run, 2 on a usage
