@@ -16,6 +16,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -437,6 +438,44 @@ def test_a_draining_worker_does_not_use_up_the_attempts_of_queued_tasks(
         cluster.start_worker("w2", module="crash_tasks")
         done = client.wait(quick, timeout=20)
     assert [info.state for info in done.values()] == ["succeeded"] * 3
+
+
+def test_a_worker_stopped_while_its_broker_is_down_starts_nothing_more(
+    cluster: Cluster,
+) -> None:
+    # Given a worker with one slot running a 3 s task, and two more tasks waiting in it
+    cluster.start_broker()
+    proc = cluster.start_worker("w1", "--prefetch", "2", module="crash_tasks", concurrency=1)
+    cluster.wait_workers("w1")
+    logs = [cluster.root / f"task-{i}.log" for i in range(3)]
+    with cluster.client(timeout_s=30) as client:
+        long = client.submit("crash_tasks.units", str(logs[0]), 30, 100, 0.1)
+        wait_for(lambda: lines(logs[0]), 10, "the long task to start")
+        waiting = [client.submit("crash_tasks.units", str(log), 1, 100, 0.0).id for log in logs[1:]]
+        wait_for(lambda: all(running_on(client, i) == "w1" for i in waiting), 10, "the leases")
+        # When the broker dies, and once the worker has noticed (two liveness windows)
+        # it is asked to stop, with no broker to tell that it drains
+        cluster.kill(cluster.broker)  # type: ignore[arg-type]
+        time.sleep(2 * cluster.heartbeat_s * cluster.liveness)
+        assert len(lines(logs[0])) < 25, "the long task ended too soon for this test"
+        cluster.signal(proc, signal.SIGTERM)
+        # And the long task finishes, freeing the slot, before the broker is back
+        wait_for(lambda: len(lines(logs[0])) == 31, 10, "the long task to finish")
+        time.sleep(0.3)  # long enough for the freed slot to start the next task
+        cluster.start_broker()
+        # Then the worker started neither waiting task, handed them back and left
+        assert proc.wait(20) == 0
+        assert [lines(log) for log in logs[1:]] == [[], []]
+        # And another worker runs each of them once, without using up an attempt
+        cluster.start_worker("w2", module="crash_tasks", concurrency=1)
+        done = client.wait([long.id, *waiting], timeout=30)
+    assert [(info.state, info.worker) for info in done.values()] == [
+        ("succeeded", "w1"),
+        ("succeeded", "w2"),
+        ("succeeded", "w2"),
+    ]
+    assert [lines(log) for log in logs[1:]] == [["start,2,0", "unit,2,0"]] * 2
+    assert [done[i].spared for i in waiting] == [1, 1]
 
 
 # ---------------------------------------------------------------- 6. poison tasks
