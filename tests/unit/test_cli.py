@@ -178,6 +178,24 @@ def test_a_broker_on_a_sqlite_too_old_says_so_without_blaming_the_file(tmp_path,
     assert not db.exists()
 
 
+def test_a_worker_takes_its_drain_and_flush_timeouts_from_the_command_line(monkeypatch):
+    # Given a worker command with both timeouts, and run_worker replaced by a recorder
+    import taskring.workers
+
+    seen = []
+    monkeypatch.setattr(taskring.workers, "run_worker", seen.append)
+    args = ["worker", "mod", "--drain-timeout", "12.5", "--flush-timeout", "0"]
+    # When it runs, Then the worker's settings carry them
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (settings,) = seen
+    assert (settings.drain_timeout_s, settings.flush_timeout_s) == (12.5, 0.0)
+    # And a negative one is refused before anything starts
+    result = runner.invoke(app, ["worker", "mod", "--flush-timeout", "-1"])
+    assert result.exit_code == ExitCode.USAGE
+    assert "--flush-timeout" in result.output + result.stderr
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_works_for_every_command(command):
     result = runner.invoke(app, [command, "--help"])

@@ -153,6 +153,22 @@ def worker(
         Path | None,
         typer.Option(help="Append every result and checkpoint the broker ACKs to this file."),
     ] = None,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM, seconds the running tasks get to finish; the broker re-runs "
+            "the ones that do not.",
+        ),
+    ] = 30.0,
+    flush_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Then seconds to get their results ACKed, and the unstarted tasks handed "
+            "back (also to a broker that is away when the worker stops).",
+        ),
+    ] = 5.0,
     server_key: Annotated[
         Path | None,
         typer.Option(
@@ -180,6 +196,8 @@ def worker(
                 pool=pool.value,
                 name=name,
                 journal=str(journal) if journal else None,
+                drain_timeout_s=drain_timeout,
+                flush_timeout_s=flush_timeout,
                 curve=_client_curve(server_key, curve_secret),
             )
         )
