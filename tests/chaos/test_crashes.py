@@ -445,18 +445,21 @@ def test_a_worker_stopped_while_its_broker_is_down_starts_nothing_more(
 ) -> None:
     # Given a worker with one slot running a 3 s task, and two more tasks waiting in it
     cluster.start_broker()
-    proc = cluster.start_worker("w1", "--prefetch", "2", module="crash_tasks", concurrency=1)
+    # (a flush timeout that outlasts the broker's restart on a loaded machine)
+    extra = ("--prefetch", "2", "--flush-timeout", "30")
+    proc = cluster.start_worker("w1", *extra, module="crash_tasks", concurrency=1)
     cluster.wait_workers("w1")
     logs = [cluster.root / f"task-{i}.log" for i in range(3)]
+    (worker_log,) = cluster.root.glob("*-worker-w1.log")
     with cluster.client(timeout_s=30) as client:
         long = client.submit("crash_tasks.units", str(logs[0]), 30, 100, 0.1)
         wait_for(lambda: lines(logs[0]), 10, "the long task to start")
         waiting = [client.submit("crash_tasks.units", str(log), 1, 100, 0.0).id for log in logs[1:]]
         wait_for(lambda: all(running_on(client, i) == "w1" for i in waiting), 10, "the leases")
-        # When the broker dies, and once the worker has noticed (two liveness windows)
-        # it is asked to stop, with no broker to tell that it drains
+        # When the broker dies, and once the worker has noticed (it dropped its
+        # connection) it is asked to stop, with no broker to tell that it drains
         cluster.kill(cluster.broker)  # type: ignore[arg-type]
-        time.sleep(2 * cluster.heartbeat_s * cluster.liveness)
+        wait_for(lambda: "broker silent for" in worker_log.read_text(), 10, "the worker to notice")
         assert len(lines(logs[0])) < 25, "the long task ended too soon for this test"
         cluster.signal(proc, signal.SIGTERM)
         # And the long task finishes, freeing the slot, before the broker is back
