@@ -31,7 +31,6 @@ class Supervisor:
         self.down: set[str] = set()  # killed on purpose, waiting for their restart
         self.paused: set[str] = set()  # SIGSTOPped on purpose
         self.draining: set[str] = set()  # SIGTERMed on purpose: they drain and exit
-        self.started_at: dict[str, float] = {}  # monotonic time of each role's latest start
         self._args: dict[str, Callable[[int], Sequence[str]]] = {}
 
     def start(self, role: str, args: Callable[[int], Sequence[str]]) -> subprocess.Popen[bytes]:
@@ -49,7 +48,6 @@ class Supervisor:
                 start_new_session=True,
             )
         self.current[role] = proc
-        self.started_at[role] = time.monotonic()
         self.everything.append(proc)
         self.down.discard(role)
         return proc

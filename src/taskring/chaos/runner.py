@@ -43,7 +43,9 @@ from taskring.client import Client
 from taskring.errors import TaskringError
 from taskring.verify import Report, check, format_report
 
-STARTING_S = 2.0  # a worker this young gets no SIGTERM: it may not handle it yet
+# Past the worker's own limits (30 s drain, 5 s flush) with room to spare: a worker
+# still draining then is a problem, killed and started again.
+DRAIN_LIMIT_S = 60.0
 TICK_S = 0.02
 MAX_IPC_PATH = 100  # the kernel allows about 107 bytes for a unix socket path
 
@@ -60,7 +62,7 @@ class ChaosResult:
     report: Report
     problems: list[str]  # the run itself misbehaved: a process died on its own, a late drain
     faults_done: int
-    faults_skipped: int  # their target was already down or paused
+    faults_skipped: int  # their target was down, paused, draining, or (SIGTERM) starting
     chaos_s: float
     drain_s: float
     total_s: float
@@ -181,10 +183,14 @@ class _Run:
                 "--endpoint", self.endpoint,
                 "--name", name,
                 "--concurrency", str(self.config.concurrency),
-                "--journal", str(self.root / "workers" / f"{name}-{n}.jsonl"),
+                "--journal", str(self._journal(name, n)),
             ]  # fmt: skip
 
         return args
+
+    def _journal(self, name: str, n: int | None = None) -> Path:
+        """The journal of a worker's n-th start (its latest by default)."""
+        return self.root / "workers" / f"{name}-{n or self.sup.starts[name]}.jsonl"
 
     def _client_args(self, index: int) -> Callable[[int], list[str]]:
         c = self.config
@@ -261,6 +267,11 @@ class _Run:
             for role, (sent, pause_s) in list(draining.items()):
                 code = self.sup.drained(role)
                 if code is None:
+                    if elapsed - sent > DRAIN_LIMIT_S:
+                        self._problem(f"{role} still draining {DRAIN_LIMIT_S:g} s after SIGTERM")
+                        self.sup.kill(role)
+                        del draining[role]
+                        undo.append((elapsed + pause_s, role))
                     continue
                 del draining[role]
                 self.out(f"{elapsed:7.2f} s  {role} drained and left after {elapsed - sent:.2f} s")
@@ -294,12 +305,11 @@ class _Run:
     def _apply(self, fault: Fault, elapsed: float) -> bool:
         role = fault.target
         busy = role in self.sup.draining and fault.action != KILL  # a drain may be cut short
-        # SIGTERM before the worker set its handler ends it at once, as it would any
-        # process that is still starting: there is no drain to test yet.
-        starting = time.monotonic() - self.sup.started_at[role] < STARTING_S
         if role in self.sup.down or role in self.sup.paused or busy:
             why = "is down, paused or draining"
-        elif fault.action == TERM and starting:
+        elif fault.action == TERM and not self._journal(role).exists():
+            # SIGTERM before the worker set its handler ends it at once, as it would any
+            # process still starting: no drain to test yet. The journal is opened after.
             why = "is still starting"
         else:
             why = ""
