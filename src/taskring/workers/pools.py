@@ -48,11 +48,11 @@ class Sink(Protocol):
 
 
 class Pool(Protocol):
+    """Slots that run assignments; `waiting` is how they are given and taken back."""
+
+    waiting: WaitingLine
+
     def start(self, sink: Sink) -> None: ...
-    def submit(self, assignment: Assignment) -> None: ...
-    def stop_starting(self) -> None: ...
-    def unstarted(self) -> int: ...
-    def take_waiting(self) -> list[Assignment]: ...
     def close(self, timeout_s: float) -> None: ...
 
 
@@ -131,7 +131,7 @@ class ThreadPool:
         self._concurrency = concurrency
         self._specs = dict(specs)
         self._limits = limits
-        self._waiting = WaitingLine()
+        self.waiting = WaitingLine()
         self._threads: list[threading.Thread] = []
 
     def start(self, sink: Sink) -> None:
@@ -141,20 +141,8 @@ class ThreadPool:
             t.start()
             self._threads.append(t)
 
-    def submit(self, assignment: Assignment) -> None:
-        self._waiting.put(assignment)
-
-    def stop_starting(self) -> None:
-        self._waiting.stop_starting()
-
-    def unstarted(self) -> int:
-        return self._waiting.unstarted()
-
-    def take_waiting(self) -> list[Assignment]:
-        return self._waiting.take()
-
     def _loop(self, sink: Sink) -> None:
-        while (a := self._waiting.next_to_start()) is not None:
+        while (a := self.waiting.next_to_start()) is not None:
             outcome = _gone_before_start(a, sink, self._limits)
             if outcome is not None:
                 sink.finished(outcome)
@@ -168,7 +156,7 @@ class ThreadPool:
             sink.finished(outcome)
 
     def close(self, timeout_s: float) -> None:
-        self._waiting.stop_slots(len(self._threads))
+        self.waiting.stop_slots(len(self._threads))
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -409,18 +397,6 @@ class ProcessPool:
         self.sink = sink
         for slot in self._slots:
             slot.thread.start()
-
-    def submit(self, assignment: Assignment) -> None:
-        self.waiting.put(assignment)
-
-    def stop_starting(self) -> None:
-        self.waiting.stop_starting()
-
-    def unstarted(self) -> int:
-        return self.waiting.unstarted()
-
-    def take_waiting(self) -> list[Assignment]:
-        return self.waiting.take()
 
     def close(self, timeout_s: float) -> None:
         self.kill_at = time.monotonic() + timeout_s

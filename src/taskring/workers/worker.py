@@ -24,7 +24,7 @@ from taskring.workers.errors import WorkerConfigError
 from taskring.workers.io import IOLoop
 from taskring.workers.journal import AckJournal
 from taskring.workers.loading import load_modules
-from taskring.workers.pools import Pool, ProcessPool, ThreadPool
+from taskring.workers.pools import Pool, ProcessPool, ThreadPool, WaitingLine
 from taskring.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Worker:
         if pool is not None:
             # No task starts from now on, not even when the broker cannot hear that
             # this worker drains; what waits goes back once it can (IOLoop.poll_once).
-            pool.stop_starting()
+            pool.waiting.stop_starting()
         io = self._io
         if io is not None:
             # A plain flag the loop reads each turn: it tells the broker to send no more.
@@ -98,26 +98,24 @@ class Worker:
             s,
             self.name,
             tasks,
-            pool.submit,
-            take_waiting=pool.take_waiting,
+            pool.waiting.put,
+            take_waiting=pool.waiting.take,
             limits=self.limits,
             on_welcome=self._welcomed,
             journal=journal,
         )
         self._io = io
         self._pool = pool
-        if self._stop.is_set():
-            pool.stop_starting()  # stop() came before there was a pool to tell
         drained = False
         try:
             pool.start(io)
             while not self._stop.is_set():
                 io.poll_once()
-            drained = self._drain_and_flush(io, pool)
+            drained = self._drain_and_flush(io, pool.waiting)
         finally:
-            pool.stop_starting()  # also when the loop raised: a freed slot starts nothing
+            pool.waiting.stop_starting()  # also when the loop raised
             # Not started, and not to be: the broker queues them again when we leave.
-            pool.take_waiting()
+            pool.waiting.take()
             io.close(disconnect=True, linger_s=min(0.5, s.heartbeat_s))
             pool.close(CHILD_GRACE_S if drained else 0.0)
             context.destroy(linger=0)
@@ -131,14 +129,16 @@ class Worker:
         else:
             log.info("worker %s registered again", self.name)
 
-    def _drain_and_flush(self, io: IOLoop, pool: Pool) -> bool:
+    def _drain_and_flush(self, io: IOLoop, waiting: WaitingLine) -> bool:
         """Finish the running tasks, hand back the unstarted ones, and get every outcome
         ACKed, within the time limits. True if no started task was left running."""
+        # As stop() does, for a stop() that came before there was a loop and a pool to tell.
         io.stopping = True
+        waiting.stop_starting()
 
         def started() -> int:
             # Tasks no slot started wait for a broker to hand them back to, not for a slot.
-            return len(io.running) - pool.unstarted()
+            return len(io.running) - waiting.unstarted()
 
         deadline = time.monotonic() + (self.settings.drain_timeout_s if self._drain else 0.0)
         while started() > 0 and self._drain and time.monotonic() < deadline:
@@ -150,14 +150,14 @@ class Worker:
                 started(),
             )
         deadline = time.monotonic() + self.settings.flush_timeout_s
-        while (io.unacked or pool.unstarted()) and self._drain and time.monotonic() < deadline:
+        while (io.unacked or waiting.unstarted()) and self._drain and time.monotonic() < deadline:
             io.poll_once()
-        if pool.unstarted():
+        if waiting.unstarted():
             log.warning(
                 "worker %s: %d task(s) not started and not handed back (no broker heard "
                 "that this worker drains); the broker queues them again once it is gone",
                 self.name,
-                pool.unstarted(),
+                waiting.unstarted(),
             )
         if io.unacked:
             log.warning("worker %s: %d message(s) never ACKed", self.name, io.unacked)
