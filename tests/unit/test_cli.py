@@ -188,8 +188,15 @@ def test_a_worker_takes_its_drain_and_flush_timeouts_from_the_command_line(monke
     # When it runs, Then the worker's settings carry them
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    (settings,) = seen
-    assert (settings.drain_timeout_s, settings.flush_timeout_s) == (12.5, 0.0)
+    # And without them, the worker's own defaults
+    assert runner.invoke(app, ["worker", "mod"]).exit_code == 0
+    given, default = seen
+    assert (given.drain_timeout_s, given.flush_timeout_s) == (12.5, 0.0)
+    own = taskring.workers.WorkerSettings(modules=("mod",))
+    assert (default.drain_timeout_s, default.flush_timeout_s) == (
+        own.drain_timeout_s,
+        own.flush_timeout_s,
+    )
     # And a negative one is refused before anything starts
     result = runner.invoke(app, ["worker", "mod", "--flush-timeout", "-1"])
     assert result.exit_code == ExitCode.USAGE

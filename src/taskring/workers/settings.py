@@ -40,8 +40,10 @@ class WorkerSettings:
     heartbeat_s: float = 1.0
     liveness: int = 3
     reconnect_max_s: float = 8.0
-    drain_timeout_s: float = 30.0  # on stop, how long running tasks may finish (CLI: the same)
-    flush_timeout_s: float = 5.0  # then how long to wait for the broker to ACK results (CLI too)
+    # On stop: how long running tasks may finish, then how long to wait for the
+    # broker's ACKs. `taskring worker` repeats both defaults (tests/unit/test_cli.py).
+    drain_timeout_s: float = 30.0
+    flush_timeout_s: float = 5.0
     start_method: Literal["spawn", "forkserver"] = "spawn"  # process pool only
     journal: str | None = None  # append what the broker ACKed here (for taskring verify)
     curve: CurveClientConfig | None = None  # the broker's public key and this worker's keys
