@@ -30,7 +30,6 @@ class Supervisor:
         self.starts: collections.Counter[str] = collections.Counter()
         self.down: set[str] = set()  # killed on purpose, waiting for their restart
         self.paused: set[str] = set()  # SIGSTOPped on purpose
-        self.draining: set[str] = set()  # SIGTERMed on purpose: they drain and exit
         self._args: dict[str, Callable[[int], Sequence[str]]] = {}
 
     def start(self, role: str, args: Callable[[int], Sequence[str]]) -> subprocess.Popen[bytes]:
@@ -66,7 +65,6 @@ class Supervisor:
         proc.wait()
         self.down.add(role)
         self.paused.discard(role)
-        self.draining.discard(role)
 
     def pause(self, role: str) -> None:
         self.current[role].send_signal(signal.SIGSTOP)
@@ -75,13 +73,11 @@ class Supervisor:
     def drain(self, role: str) -> None:
         """SIGTERM without waiting: `role` drains and exits on its own (see drained())."""
         self.current[role].send_signal(signal.SIGTERM)
-        self.draining.add(role)
 
     def drained(self, role: str) -> int | None:
         """The exit code once a draining `role` has exited (it is then down), else None."""
         code = self.current[role].poll()
         if code is not None:
-            self.draining.discard(role)
             self.down.add(role)
         return code
 
@@ -95,7 +91,7 @@ class Supervisor:
         gone = []
         for role in roles:
             proc = self.current.get(role)
-            if proc is not None and role not in self.down and role not in self.draining:
+            if proc is not None and role not in self.down:
                 code = proc.poll()
                 if code is not None:
                     gone.append((role, code))

@@ -163,6 +163,8 @@ class _Run:
         self.clients = [f"c{i + 1}" for i in range(config.clients)]
         self.problems: list[str] = []
         self.faults_done = self.faults_skipped = 0
+        # Workers sent SIGTERM on purpose, until they exit: (SIGTERM time, pause after exit).
+        self.draining: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------ processes
 
@@ -237,7 +239,7 @@ class _Run:
 
     def _watch(self, elapsed_s: float) -> None:
         """Processes that ended on their own: a problem; servers are started again."""
-        for role, code in self.sup.exited(self.servers):
+        for role, code in self.sup.exited([r for r in self.servers if r not in self.draining]):
             self._problem(
                 f"{role} exited by itself with code {code} at {elapsed_s:.1f} s "
                 f"(see {self.sup.log_path(role)}); restarted"
@@ -261,19 +263,18 @@ class _Run:
         t0 = time.monotonic()
         faults = list(schedule)
         undo: list[tuple[float, str]] = []  # (due, role): restart a killed role, resume a paused
-        draining: dict[str, tuple[float, float]] = {}  # role -> (SIGTERM time, pause after exit)
         while True:
             elapsed = time.monotonic() - t0
-            for role, (sent, pause_s) in list(draining.items()):
+            for role, (sent, pause_s) in list(self.draining.items()):
                 code = self.sup.drained(role)
                 if code is None:
                     if elapsed - sent > DRAIN_LIMIT_S:
                         self._problem(f"{role} still draining {DRAIN_LIMIT_S:g} s after SIGTERM")
                         self.sup.kill(role)
-                        del draining[role]
+                        del self.draining[role]
                         undo.append((elapsed + pause_s, role))
                     continue
-                del draining[role]
+                del self.draining[role]
                 self.out(f"{elapsed:7.2f} s  {role} drained and left after {elapsed - sent:.2f} s")
                 if code != 0:
                     self._problem(
@@ -287,13 +288,9 @@ class _Run:
             self._watch(elapsed)
             if faults and faults[0].at_s <= elapsed:
                 fault = faults.pop(0)
-                if self._apply(fault, elapsed):
-                    draining.pop(fault.target, None)  # a kill -9 can cut a drain short
-                    if fault.action == TERM:
-                        draining[fault.target] = (elapsed, fault.pause_s)
-                    else:
-                        undo.append((elapsed + fault.pause_s, fault.target))
-            elif elapsed >= self.config.duration_s and not faults and not draining:
+                if self._apply(fault, elapsed) and fault.action != TERM:
+                    undo.append((elapsed + fault.pause_s, fault.target))
+            elif elapsed >= self.config.duration_s and not faults and not self.draining:
                 break
             time.sleep(TICK_S)
         elapsed = time.monotonic() - t0
@@ -304,7 +301,7 @@ class _Run:
 
     def _apply(self, fault: Fault, elapsed: float) -> bool:
         role = fault.target
-        busy = role in self.sup.draining and fault.action != KILL  # a drain may be cut short
+        busy = role in self.draining and fault.action != KILL  # a drain may be cut short
         if role in self.sup.down or role in self.sup.paused or busy:
             why = "is down, paused or draining"
         elif fault.action == TERM and not self._journal(role).exists():
@@ -322,8 +319,10 @@ class _Run:
         self.out(f"{elapsed:7.2f} s  {fault.describe()} (pid {pid})")
         if fault.action == KILL:
             self.sup.kill(role)
+            self.draining.pop(role, None)
         elif fault.action == TERM:
             self.sup.drain(role)
+            self.draining[role] = (elapsed, fault.pause_s)
         else:
             self.sup.pause(role)
         return True
