@@ -352,62 +352,61 @@ def test_after_registering_again_a_stopping_worker_says_it_drains_before_handing
     assert finish_and_leave(broker, w, "again")["ok"]
 
 
-def test_a_stopping_worker_that_cannot_tell_the_broker_starts_none_of_its_waiting_tasks(
-    broker: FakeBroker, start: Start
-) -> None:
-    # Given a worker running task 1, with 2 and 3 waiting for its one slot (a long
-    # liveness window: the worker must not reconnect while the test waits; and a
-    # long flush timeout, within which unstarted tasks wait for a broker to hear)
-    w = start(concurrency=1, prefetch=2, liveness=30, flush_timeout_s=10)
+def stop_while_away(
+    broker: FakeBroker, start: Start, gate: str, **settings: Any
+) -> tuple[WorkerThread, dict[str, Any]]:
+    """A worker running task 1 behind `gate`, with 2 and 3 waiting behind `gate`-later,
+    that the broker forgets and that is asked to stop before it is welcomed back: the
+    worker and its READY. A long liveness window: it must not reconnect meanwhile."""
+    w = start(concurrency=1, prefetch=2, liveness=30, **settings)
     broker.register(liveness=30)
-    later = [assignment(i, "wt.wait", "later") for i in (2, 3)]
-    broker.dispatch(assignment(1, "wt.wait", "away"), *later)
-    assert worker_tasks.gate("away:started").wait(5)
-    # When the broker forgets it, and it is asked to stop before it is welcomed back
+    later = [assignment(i, "wt.wait", f"{gate}-later") for i in (2, 3)]
+    broker.dispatch(assignment(1, "wt.wait", gate), *later)
+    assert worker_tasks.gate(f"{gate}:started").wait(5)
     broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
     ready = broker.skip_to(protocol.READY)
     w.worker.stop()
-    # And task 1 finishes while the broker cannot be told that the worker drains
+    return w, ready
+
+
+def test_a_stopping_worker_that_cannot_tell_the_broker_starts_none_of_its_waiting_tasks(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a worker running task 1, with 2 and 3 waiting for its one slot, that is asked
+    # to stop while the broker has forgotten it (a long flush timeout, within which
+    # unstarted tasks wait for a broker to hear)
+    w, ready = stop_while_away(broker, start, "away", flush_timeout_s=10)
+    # When task 1 finishes while the broker cannot be told that the worker drains
     worker_tasks.gate("away").set()
     # Then the freed slot starts neither waiting task: the broker may lease them to
     # another worker meanwhile, and both would run them
-    assert not worker_tasks.gate("later:started").wait(0.5)
+    assert not worker_tasks.gate("away-later:started").wait(0.5)
     # And, welcomed back, it says it drains, then hands them back unstarted
     welcomed_at = time.monotonic()
     broker.welcome(ready["seq"], liveness=30)
-    done: dict[int, dict[str, Any]] = {}
-    while len(done) < 3:
-        body = broker.skip_to(protocol.RESULT)
-        done |= {item["id"]: item for item in body["results"]}
-        broker.ack(body["seq"])
+    done = broker.results_acked(3, skipping=True, timeout_s=10)
     assert done[1]["ok"] and "started" not in done[1]
     for task_id in (2, 3):
         assert (done[task_id]["ok"], done[task_id]["started"]) == (False, False)
     assert [b.get("draining") for at, b in broker.heartbeats if at > welcomed_at][:1] == [True]
     assert broker.skip_to(protocol.DISCONNECT)["reason"] == "shutdown"
     w.join(5)
-    assert not worker_tasks.gate("later:started").is_set()
+    assert not worker_tasks.gate("away-later:started").is_set()
 
 
 def test_a_stopping_worker_whose_broker_stays_away_leaves_once_its_running_task_is_done(
     broker: FakeBroker, start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given a worker running task 1, with 2 and 3 waiting, and a long drain timeout
-    w = start(concurrency=1, prefetch=2, liveness=30, drain_timeout_s=30, flush_timeout_s=0.5)
-    broker.register(liveness=30)
-    later = [assignment(i, "wt.wait", "away-for-good") for i in (2, 3)]
-    broker.dispatch(assignment(1, "wt.wait", "gone"), *later)
-    assert worker_tasks.gate("gone:started").wait(5)
-    # When the broker forgets it and never welcomes it back, and it is asked to stop
-    broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
-    broker.skip_to(protocol.READY)
-    w.worker.stop()
+    # Given a worker running task 1, with 2 and 3 waiting, and a long drain timeout,
+    # asked to stop while the broker has forgotten it (and never welcomes it back)
+    w, _ = stop_while_away(broker, start, "gone", drain_timeout_s=30, flush_timeout_s=0.5)
+    # When task 1 finishes
     worker_tasks.gate("gone").set()
     # Then it does not wait out the drain timeout for tasks it never started: it
     # leaves after the flush timeout, having started neither, and says so
     w.join(10)
     assert not w.thread.is_alive()
-    assert not worker_tasks.gate("away-for-good:started").is_set()
+    assert not worker_tasks.gate("gone-later:started").is_set()
     assert "2 task(s) not started and not handed back" in caplog.text
     assert "still running at stop" not in caplog.text
 

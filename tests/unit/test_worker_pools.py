@@ -6,7 +6,6 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from tests.unit.worker_fakes import FakeBroker, WorkerThread, assignment, settings
@@ -128,11 +127,7 @@ def test_a_stopping_worker_that_cannot_tell_the_broker_starts_no_child_task(
         assert not os.path.exists(later + ".started")
         # And, welcomed back, the worker hands them back unstarted
         broker.welcome(ready["seq"], liveness=30)
-        done: dict[int, dict[str, Any]] = {}
-        while len(done) < 3:
-            body = broker.skip_to(protocol.RESULT, timeout_s=20)
-            done |= {item["id"]: item for item in body["results"]}
-            broker.ack(body["seq"])
+        done = broker.results_acked(3, skipping=True, timeout_s=20)
         assert done[1]["ok"] and "started" not in done[1]
         assert [done[i]["started"] for i in (2, 3)] == [False, False]
         assert not os.path.exists(later + ".started")

@@ -143,11 +143,18 @@ class FakeBroker:
         (item,) = body["checkpoints"]
         return body["seq"], item
 
-    def results_acked(self, count: int) -> dict[int, dict[str, Any]]:
-        """Outcomes of `count` tasks, each RESULT ACKed as it arrives: task id -> outcome."""
+    def results_acked(
+        self, count: int, *, skipping: bool = False, timeout_s: float = 5.0
+    ) -> dict[int, dict[str, Any]]:
+        """Outcomes of `count` tasks, each RESULT ACKed as it arrives: task id -> outcome.
+        With `skipping`, other messages before a RESULT (READY resends, say) are passed over."""
         done: dict[int, dict[str, Any]] = {}
         while len(done) < count:
-            seq, results = self.result()
+            if skipping:
+                body = self.skip_to(protocol.RESULT, timeout_s)
+                seq, results = body["seq"], {r["id"]: r for r in body["results"]}
+            else:
+                seq, results = self.result(timeout_s)
             done.update(results)
             self.ack(seq)
         return done
