@@ -575,7 +575,9 @@ class Client:
             wake = min(wake, next_due)
         timeout_ms = max(0, math.ceil((wake - now) * 1000))
         if self._sock.poll(timeout_ms, zmq.POLLIN):
-            for _ in range(_MAX_DRAIN):
+            for i in range(_MAX_DRAIN):
+                if i and not protocol.has_message(self._sock):
+                    break
                 try:
                     parts = protocol.recv_frames(self._sock, protocol.NOBLOCK)
                 except zmq.Again:

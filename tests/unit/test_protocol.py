@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1086,3 +1087,24 @@ def test_split_by_size_never_puts_two_items_of_one_task_in_a_message() -> None:
     items = [(7, 1), (8, 1), (7, 2), (9, 1), (9, 2), (9, 3)]
     chunks = p.split_by_size(items, lambda _: 10, task_id=lambda item: item[0])
     assert chunks == [[(7, 1), (8, 1)], [(7, 2), (9, 1)], [(9, 2)], [(9, 3)]]
+
+
+def test_has_message_says_whether_a_read_would_find_one() -> None:
+    context = zmq.Context()
+    reader, writer = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        reader.bind("inproc://has-message")
+        writer.connect("inproc://has-message")
+        assert not p.has_message(reader)
+        p.send_frames(writer, [b"one", b"two"])
+        p.send_frames(writer, [b"three"])
+        assert reader.poll(1000)
+        assert p.has_message(reader)
+        assert p.recv_frames(reader, p.NOBLOCK) == [b"one", b"two"]
+        assert p.has_message(reader)
+        assert p.recv_frames(reader, p.NOBLOCK) == [b"three"]
+        assert not p.has_message(reader)
+    finally:
+        reader.close(linger=0)
+        writer.close(linger=0)
+        context.term()

@@ -189,6 +189,8 @@ class Broker:
         if self.socket in ready:
             submits = 0
             for _ in range(self.settings.max_messages_per_turn):
+                if messages and not p.has_message(self.socket):
+                    break
                 try:
                     received = self._recv()
                 except zmq.Again:
