@@ -161,6 +161,20 @@ def test_the_inbox_writes_one_wake_up_per_take_and_never_misses_one() -> None:
     inbox.close()
 
 
+def test_a_take_empties_a_pipe_holding_more_wake_ups_than_one_read_takes() -> None:
+    # Given wake-ups that each write a byte (a signal handler's), more than one read holds
+    inbox = Inbox()
+    for _ in range(10_000):
+        inbox.wake()
+    inbox.put("item")
+    # Then one take reads them all, and the poller sleeps until the next put
+    assert inbox.take() == ["item"]
+    assert select.select([inbox.fileno()], [], [], 0)[0] == []
+    inbox.put("next")
+    assert select.select([inbox.fileno()], [], [], 0)[0] == [inbox.fileno()]
+    inbox.close()
+
+
 def test_arguments_that_do_not_fit_fail_at_once_without_retry() -> None:
     # Given a two-argument task sent one argument
     a = Assignment(1, 1, "wt.add", protocol.pack([[1], {}]), None, 0)

@@ -63,6 +63,9 @@ class CheckpointRequest:
     waiter: Waiter
 
 
+_PIPE_READ = 4096
+
+
 class Inbox:
     """Task threads -> I/O loop: a deque plus a pipe whose read end sits in the zmq.Poller.
 
@@ -113,9 +116,11 @@ class Inbox:
         # Empty the pipe, then clear the flag, then the deque: an item put after
         # the flag is cleared writes a byte again, and one put before it is in
         # the deque read below. None is left without a wake-up; at worst a
-        # spurious one finds the deque empty.
+        # spurious one finds the deque empty. Read again only after a full read: a
+        # shorter one emptied the pipe, and reading an empty pipe raises, which
+        # cost about 20 µs on the way from a finished task to its RESULT.
         with contextlib.suppress(BlockingIOError):
-            while os.read(self._r, 4096):
+            while len(os.read(self._r, _PIPE_READ)) == _PIPE_READ:
                 pass
         with self._lock:
             self._signalled = False
