@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import msgpack
 import zmq
@@ -292,7 +292,7 @@ def has_message(socket: zmq.Socket[bytes]) -> bool:
     loop turn that follows a wait (bench/latency_trace.py), on the path of
     every one-at-a-time round trip, where this asks for a few.
     """
-    return bool(socket.get(_EVENTS) & _POLLIN)
+    return bool(cast(int, socket.get(_EVENTS)) & _POLLIN)
 
 
 def recv_frames(socket: zmq.Socket[bytes], flags: int = 0) -> list[bytes]:
