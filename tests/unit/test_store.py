@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 
 import pytest
 
+from taskring.broker import checkpointer
 from taskring.broker.jobs import Job
 from taskring.broker.store import Store
 
@@ -153,6 +155,48 @@ def test_normal_commits_are_never_synced(tmp_path, monkeypatch):
     s.sync()
     assert s.syncer is None and s.generation == 1 and synced == []
     s.close()
+
+
+def wal_frames(store: Store) -> int:
+    """Frames the WAL file has room for: its high-water mark, not its current length."""
+    return (os.path.getsize(f"{store.path}-wal") - 32) // (4096 + 24)
+
+
+def test_a_full_store_leaves_checkpoints_to_sqlite(tmp_path):
+    s = Store(tmp_path / "t.db", synchronous="full")
+    assert s.checkpointer is None
+    assert s.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    s.close()
+
+
+def test_a_normal_store_checkpoints_from_a_thread_and_its_wal_starts_over(tmp_path, monkeypatch):
+    # Given a normal log whose WAL counts as long at 100 frames, checkpointed every 5 ms
+    monkeypatch.setattr(checkpointer, "BUSY_INTERVAL_S", 0.005)
+    monkeypatch.setattr(checkpointer, "LONG_WAL_FRAMES", 100)
+    s = Store(tmp_path / "t.db", synchronous="normal")
+    assert s.checkpointer is not None
+    # whose own connection never checkpoints in a commit
+    assert s.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    # When 2,000 turns each write a task of 4 KB (about 12,000 WAL frames in all)
+    payload = os.urandom(4000)
+    for _ in range(2000):
+        task_id = s.allocate_id()
+        with s.turn():
+            s.insert_tasks([(task_id, "t.big", payload, None, 3, "c", task_id, 0, None)], 1.0)
+    deadline = time.monotonic() + 10
+    while s.checkpointer.copied == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Then the thread copied frames, and the loop finished checkpoints often enough
+    # that the WAL started over instead of growing by every frame written
+    assert s.checkpointer.copied > 0
+    assert wal_frames(s) < 4000
+    thread = s.checkpointer._thread
+    s.close()
+    # And close() stopped the thread; the log holds every task
+    assert not thread.is_alive()
+    db = sqlite3.connect(tmp_path / "t.db")
+    assert db.execute("SELECT count(*) FROM tasks").fetchone()[0] == 2000
+    db.close()
 
 
 def test_bad_synchronous_setting_is_refused(tmp_path):

@@ -11,7 +11,8 @@ default) it also survives power loss once `sync()` returned: SQLite commits
 with synchronous=NORMAL and a WalSyncer fdatasyncs the WAL file, once for all
 the commits since the last sync (broker/durability.py). With `"normal"`
 nothing is synced per commit: a power loss may roll back the last commits.
-It is offered for speed.
+It is offered for speed; its WAL checkpoints run in a thread of their own
+(broker/checkpointer.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import msgpack
 import sqlite_utils
 
+from taskring.broker.checkpointer import WalCheckpointer
 from taskring.broker.durability import WalSyncer
 from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
 
@@ -214,6 +216,15 @@ class Store:
             except OSError:
                 self.db.close()
                 raise
+        # Unsynced, the WAL is written out by the checkpoint: not in the loop's thread.
+        self.checkpointer: WalCheckpointer | None = None
+        if synchronous == "normal":
+            self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+            try:
+                self.checkpointer = WalCheckpointer(self.path)
+            except sqlite3.Error:
+                self.db.close()
+                raise
 
     def sync(self) -> None:
         """Make every commit so far survive power loss (with synchronous="full")."""
@@ -226,6 +237,10 @@ class Store:
                 raise sqlite3.OperationalError(f"fsync of the task log failed: {e}") from e
 
     def close(self) -> None:
+        # The checkpointer's connection first: SQLite checkpoints and removes the
+        # WAL when the last connection closes, which should be the loop's.
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         if self.syncer is not None:
             self.syncer.close()
         self.db.close()
@@ -240,6 +255,8 @@ class Store:
             yield
         if self.conn.total_changes != changes:
             self.generation += 1
+        if self.checkpointer is not None:
+            self.checkpointer.finish_checkpoint(self.conn)
 
     # ------------------------------------------------------------ writes
 

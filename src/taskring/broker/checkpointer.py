@@ -1,0 +1,103 @@
+"""WAL checkpoints from a thread of their own, for a log that is not synced per turn.
+
+SQLite checkpoints inside the commit that takes the WAL past 1,000 pages, in
+the broker loop's thread. With `--synchronous normal` nothing else syncs the
+WAL, so that checkpoint first writes the whole WAL out to disk: about 4 MB,
+4 to 5 ms here, once every hundred one-task round trips, which made the p99
+of bench/latency.py in that mode. Here the loop's connection never
+checkpoints, and a second connection runs PASSIVE checkpoints from a daemon
+thread: PASSIVE neither waits for the writer nor blocks it, and sqlite3 lets
+go of the GIL while SQLite copies and syncs.
+
+Not with `--synchronous full`: there the loop has synced the WAL by the time
+a checkpoint runs, which then costs about 1.2 ms, and a checkpointer thread
+measured worse (README, Performance: its syncs overlap the loop's).
+
+A checkpoint that runs beside the writer cannot finish the WAL: the loop
+commits while it copies, and SQLite starts the WAL over only at a write that
+finds every frame copied. Left alone the WAL grew by 40 MB a thousand round
+trips. So once the WAL is LONG_WAL_FRAMES long, the loop runs one PASSIVE
+checkpoint itself, right after one of the thread's, when it has only the
+frames of that checkpoint's few milliseconds left to copy; its next write
+then starts the WAL over.
+
+Durability is SQLite's own either way: a checkpoint syncs the WAL before it
+copies and the database after, and the loop's connection is still the one
+that starts the WAL over once every frame is copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+
+log = logging.getLogger(__name__)
+
+# While checkpoints find frames to copy, one every BUSY_INTERVAL_S; while the
+# log is idle the interval doubles up to IDLE_INTERVAL_S, so an idle broker
+# does not wake ten times a second for nothing.
+BUSY_INTERVAL_S = 0.1
+IDLE_INTERVAL_S = 2.0
+# How long the WAL may grow before the loop finishes a checkpoint itself:
+# 16 MB, four times SQLite's own threshold.
+LONG_WAL_FRAMES = 4_000
+
+
+class WalCheckpointer:
+    """PASSIVE checkpoints of one database from a daemon thread, until close()."""
+
+    def __init__(self, db_path: str) -> None:
+        # Only the thread uses the connection once the PRAGMA below has run.
+        self._conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        try:
+            # NORMAL makes a checkpoint sync the WAL before it copies, the database after.
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error:
+            self._conn.close()
+            raise
+        self._stop = threading.Event()
+        self.copied = 0  # checkpoints that copied frames
+        # Set by the thread after a checkpoint that found the WAL long, for the
+        # loop's finish_checkpoint(); a plain flag, read and cleared by the loop.
+        self.wal_long = False
+        self._thread = threading.Thread(target=self._run, name="taskring-checkpoint")
+        self._thread.daemon = True  # a stuck disk must not keep a stopped broker alive
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = BUSY_INTERVAL_S
+        last: tuple[int, int] | None = None
+        while not self._stop.wait(interval):
+            try:
+                _busy, frames, done = self._conn.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)"
+                ).fetchone()
+            except sqlite3.Error as e:
+                # The loop's own statements fail too if the log is in trouble; a
+                # checkpoint that cannot run only lets the WAL grow meanwhile.
+                log.warning("WAL checkpoint failed: %s", e)
+                interval = IDLE_INTERVAL_S
+                continue
+            if frames >= LONG_WAL_FRAMES:
+                self.wal_long = True
+            if (frames, done) == last:
+                interval = min(interval * 2, IDLE_INTERVAL_S)
+            else:
+                interval = BUSY_INTERVAL_S
+                self.copied += 1
+            last = (frames, done)
+
+    def finish_checkpoint(self, conn: sqlite3.Connection) -> None:
+        """In the writer's thread, outside a transaction: copy what the thread could
+        not, once the WAL is long, so that the next write starts the WAL over."""
+        if self.wal_long:
+            self.wal_long = False
+            # Busy (the thread is in a checkpoint) is no error: the flag comes back.
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    def close(self) -> None:
+        """Stop the thread (after a checkpoint in progress) and close its connection."""
+        self._stop.set()
+        self._thread.join()
+        self._conn.close()
