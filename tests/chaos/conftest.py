@@ -48,10 +48,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(_duration(config) + OVERHEAD_S), append=False)
 
 
-@pytest.fixture
+# Both of the broker's durability modes: with "normal" the WAL is checkpointed from a
+# thread of its own (broker/checkpointer.py), under the same kills.
+@pytest.fixture(params=["full", "normal"])
 def chaos_config(request: pytest.FixtureRequest) -> ChaosConfig:
     seed = request.config.getoption("chaos_seed", default=None)
     if seed is None:
         seed = secrets.randbelow(2**31)
     print(f"chaos seed {seed} (replay: pytest tests/chaos --chaos-seed {seed})")
-    return ChaosConfig(seed=seed, duration_s=_duration(request.config))
+    return ChaosConfig(seed=seed, duration_s=_duration(request.config), synchronous=request.param)

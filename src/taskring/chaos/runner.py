@@ -81,7 +81,10 @@ def format_result(result: ChaosResult, show: int = 20) -> str:
         format_report(result.report, show),
     ]
     lines.extend(f"PROBLEM: {p}" for p in result.problems)
-    lines.append(f"replay: taskring chaos --seed {c.seed} --duration {c.duration_s:g}")
+    replay = f"taskring chaos --seed {c.seed} --duration {c.duration_s:g}"
+    if c.synchronous != "full":
+        replay += f" --synchronous {c.synchronous}"
+    lines.append(f"replay: {replay}")
     lines.append(
         f"verify: taskring verify --drained --db {root / 'tasks.db'} --clients {root / 'clients'}"
         f" --workers {root / 'workers'} --starts {root / 'starts.jsonl'}"
@@ -101,7 +104,7 @@ def run_chaos(
     schedule = make_schedule(config)
     out(
         f"chaos seed {config.seed}, {config.duration_s:g} s, {config.workers} workers, "
-        f"{config.clients} clients, folder {root}"
+        f"{config.clients} clients, broker --synchronous {config.synchronous}, folder {root}"
     )
     out(f"schedule ({len(schedule)} faults):")
     for fault in schedule:
@@ -176,6 +179,7 @@ class _Run:
             "--db", str(self.db),
             "--heartbeat", str(c.heartbeat_s),
             "--liveness", str(c.liveness),
+            "--synchronous", c.synchronous,
         ]  # fmt: skip
 
     def _worker_args(self, name: str) -> Callable[[int], list[str]]:

@@ -30,10 +30,13 @@ class ChaosConfig:
     client_timeout_s: float = 20.0  # a client's request timeout: it rides out broker outages
     drain_timeout_s: float = 90.0  # after the faults, how long tasks get to finish
     startup_timeout_s: float = 30.0
+    synchronous: str = "full"  # the broker's --synchronous
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0 or self.workers < 1 or self.clients < 1 or self.keys < 1:
             raise ValueError("duration_s, workers, clients and keys must be positive")
+        if self.synchronous not in ("full", "normal"):
+            raise ValueError("synchronous must be 'full' or 'normal'")
 
     @property
     def worker_names(self) -> list[str]:

@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from taskring.cli.common import ExitCode, LogLevel, LogLevelOption, fail, setup_logging
+from taskring.cli.common import (
+    ExitCode,
+    LogLevel,
+    LogLevelOption,
+    Synchronous,
+    fail,
+    setup_logging,
+)
 
 ShowOption = Annotated[int, typer.Option(min=0, help="Violations to print at most.")]
 
@@ -67,6 +74,9 @@ def chaos(
             "--dir", help="Empty folder for the run's database, journals and logs [default: new]."
         ),
     ] = None,
+    synchronous: Annotated[
+        Synchronous, typer.Option(help="The broker's SQLite synchronous mode.")
+    ] = Synchronous.full,
     show: ShowOption = 20,
     log_level: LogLevelOption = LogLevel.warning,
 ) -> None:
@@ -80,7 +90,9 @@ def chaos(
     from taskring.chaos import ChaosConfig, ChaosError, format_result, run_chaos
 
     config = ChaosConfig(
-        seed=secrets.randbelow(2**31) if seed is None else seed, duration_s=duration
+        seed=secrets.randbelow(2**31) if seed is None else seed,
+        duration_s=duration,
+        synchronous=synchronous.value,
     )
     root = data_dir or Path(tempfile.mkdtemp(prefix="taskring-chaos-"))
     if root.exists() and not root.is_dir():

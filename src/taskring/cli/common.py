@@ -36,6 +36,13 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130  # Ctrl-C
 
 
+class Synchronous(enum.StrEnum):
+    """The broker's SQLite synchronous mode (broker/store.py)."""
+
+    full = "full"
+    normal = "normal"
+
+
 class LogLevel(enum.StrEnum):
     debug = "debug"
     info = "info"

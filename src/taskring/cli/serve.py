@@ -21,6 +21,7 @@ from taskring.cli.common import (
     LogLevel,
     LogLevelOption,
     Session,
+    Synchronous,
     fail,
     setup_logging,
 )
@@ -28,11 +29,6 @@ from taskring.client import DEFAULT_ENDPOINT
 from taskring.errors import TaskringError
 from taskring.protocol import DEFAULT_LIMITS, message_room_needed
 from taskring.security import CurveClientConfig, CurveServerConfig
-
-
-class Synchronous(enum.StrEnum):
-    full = "full"
-    normal = "normal"
 
 
 class Pool(enum.StrEnum):
