@@ -94,6 +94,8 @@ class Placement:
         credit = sum(max(0, w.credit) for w in workers.values())
         if credit <= 0:
             return []
+        if not self.queue and not any(self.parked.values()) and not any(self.waiting.values()):
+            return []  # most turns of a quiet broker: a result, a heartbeat
         placed: list[tuple[Job, WorkerState]] = []
         spare = {name: w.credit for name, w in workers.items()}
         # Jobs set aside go first: they have waited longest.
