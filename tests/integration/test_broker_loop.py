@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1194,3 +1195,22 @@ def test_ids_of_cancelled_tasks_nobody_runs_do_not_pile_up_in_memory(tmp_path, c
         assert [t["id"] for t in w.expect(b, 0.0, p.TASK)["tasks"]] == [runs]
     finally:
         b.close()
+
+
+def test_a_broker_that_cannot_bind_leaves_no_checkpoint_thread_or_log_open(
+    tmp_path: Path, ctx: zmq.Context[Any]
+) -> None:
+    # Given a broker serving a port, in normal mode (which checkpoints from a thread)
+    (tmp_path / "a").mkdir()
+    first = make_broker(tmp_path / "a", ctx)
+    before = {t for t in threading.enumerate() if t.name == "taskring-checkpoint"}
+    try:
+        # When a second broker, on another log, asks for the same port
+        with pytest.raises(zmq.ZMQError):
+            make_broker(tmp_path, ctx, endpoint=first.endpoint)
+        # Then its checkpoint thread is gone, and its log closed: the WAL went with it
+        after = {t for t in threading.enumerate() if t.name == "taskring-checkpoint"}
+        assert after == before
+        assert not (tmp_path / "tasks.db-wal").exists()
+    finally:
+        first.close()

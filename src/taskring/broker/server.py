@@ -63,36 +63,11 @@ class Broker:
         self.settings = settings
         self.limits = settings.limits
         self.store = Store(settings.db_path, synchronous=settings.synchronous)
-        self._own_context = context is None
-        self.context: zmq.Context[Any] = context or zmq.Context()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        # A worker keeps its routing id across reconnects; without handover
-        # libzmq would refuse the new pipe while it still holds the old one.
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
-        self.socket.setsockopt(zmq.SNDHWM, 100_000)
-        self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        self.curve: CurveServer | None = None
-        self._allowed: frozenset[str] = frozenset()
-        if settings.curve is not None:
-            self.curve = CurveServer(self.context, settings.curve)
-            self.curve.apply(self.socket)
-            self._allowed = self.curve.allowed()
-        elif not is_loopback(settings.endpoint):
-            log.warning(
-                "serving %s without CURVE: anyone who reaches it can submit tasks and speak "
-                "for a worker; see SECURITY.md (--curve-secret, --allow-keys)",
-                settings.endpoint,
-            )
         try:
-            self.socket.bind(settings.endpoint)
-        except zmq.ZMQError:
-            self._close_sockets()
+            self._open_socket(settings, context)
+        except BaseException:
+            self.store.close()  # a broker that cannot start leaves no file or thread open
             raise
-        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.poller = zmq.Poller()
-        self.poller.register(self.socket, zmq.POLLIN)
 
         self.workers: dict[str, WorkerState] = {}
         self.leases: dict[int, Lease] = {}  # every running task, by id
@@ -130,9 +105,45 @@ class Broker:
             (p.PROTOCOL_WORKER, p.CHECKPOINT): self._on_checkpoint,
             (p.PROTOCOL_WORKER, p.DISCONNECT): self._on_disconnect,
         }
-        self._recover(time.monotonic())
+        try:
+            self._recover(time.monotonic())
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------ lifecycle
+
+    def _open_socket(self, settings: BrokerSettings, context: zmq.Context[Any] | None) -> None:
+        self._own_context = context is None
+        self.context: zmq.Context[Any] = context or zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.curve: CurveServer | None = None
+        self._allowed: frozenset[str] = frozenset()
+        try:
+            self.socket.setsockopt(zmq.LINGER, 0)
+            # A worker keeps its routing id across reconnects; without handover
+            # libzmq would refuse the new pipe while it still holds the old one.
+            self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+            self.socket.setsockopt(zmq.SNDHWM, 100_000)
+            self.socket.setsockopt(zmq.RCVHWM, 100_000)
+            if settings.curve is not None:
+                self.curve = CurveServer(self.context, settings.curve)
+                self.curve.apply(self.socket)
+                self._allowed = self.curve.allowed()
+            elif not is_loopback(settings.endpoint):
+                log.warning(
+                    "serving %s without CURVE: anyone who reaches it can submit tasks and "
+                    "speak for a worker; see SECURITY.md (--curve-secret, --allow-keys)",
+                    settings.endpoint,
+                )
+            self.socket.bind(settings.endpoint)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
 
     def _recover(self, now: float) -> None:
         """Leases in the log wait one liveness window for their worker to claim them."""
@@ -211,6 +222,7 @@ class Broker:
             raise
         self._send_outbox()
         self._send_heartbeats(now)
+        self.store.finish_checkpoint()
         return len(messages)
 
     def _turn(self, messages: list[Received], now: float, wall: float) -> None:

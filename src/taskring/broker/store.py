@@ -29,6 +29,7 @@ from typing import Any
 import msgpack
 import sqlite_utils
 
+from taskring.broker import checkpointer
 from taskring.broker.checkpointer import WalCheckpointer
 from taskring.broker.durability import WalSyncer
 from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
@@ -219,10 +220,10 @@ class Store:
         # Unsynced, the WAL is written out by the checkpoint: not in the loop's thread.
         self.checkpointer: WalCheckpointer | None = None
         if synchronous == "normal":
-            self.conn.execute("PRAGMA wal_autocheckpoint = 0")
             try:
+                self.conn.execute(f"PRAGMA wal_autocheckpoint = {checkpointer.FALLBACK_FRAMES}")
                 self.checkpointer = WalCheckpointer(self.path)
-            except sqlite3.Error:
+            except Exception:
                 self.db.close()
                 raise
 
@@ -235,6 +236,12 @@ class Store:
                 # Nothing more may be acknowledged; the broker stops, and a restart
                 # recovers from what the log holds.
                 raise sqlite3.OperationalError(f"fsync of the task log failed: {e}") from e
+
+    def finish_checkpoint(self) -> None:
+        """Between turns, after their messages left: with a checkpointer thread, copy
+        what it could not once the WAL is long, so that the WAL starts over."""
+        if self.checkpointer is not None:
+            self.checkpointer.finish_checkpoint(self.conn)
 
     def close(self) -> None:
         # The checkpointer's connection first: SQLite checkpoints and removes the
@@ -255,8 +262,6 @@ class Store:
             yield
         if self.conn.total_changes != changes:
             self.generation += 1
-        if self.checkpointer is not None:
-            self.checkpointer.finish_checkpoint(self.conn)
 
     # ------------------------------------------------------------ writes
 
