@@ -10,8 +10,11 @@ then the totals by kind: hops between processes, broker work, syncs, worker
 hand-offs.
 
     python bench/latency_trace.py --tasks 1000
+    python bench/latency_trace.py --tasks 3000 --tail   # also where the p99 goes
 
-A stamp costs about a microsecond, so the total is a little above latency.py's.
+With --tail it also shows each step's p50, p99 and p99.9, and for the
+slowest 2% of round trips which step was furthest over its median. A stamp
+costs about a microsecond, so the total is a little above latency.py's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--tail", action="store_true", help="also each step's p99, and where the slowest 2%% lost"
+    )
     return parser.parse_args(argv)
 
 
@@ -144,6 +150,46 @@ def report(trips: list[list[tuple[int, str]]], path: Steps) -> None:
     print()
 
 
+SLOWEST = 0.02  # the share of round trips --tail looks into
+
+
+def report_tail(trips: list[list[tuple[int, str]]], path: Steps) -> None:
+    """Each step's percentiles, and the step each of the slowest round trips lost most on."""
+    steps = [s for s in (critical_steps(trip, path) for trip in trips) if s is not None]
+    pairs = itertools.pairwise(path)
+    names = [f"{_name(before)} -> {_name(labels)}" for (before, _), (labels, _) in pairs]
+    by_total = sorted(steps, key=sum)
+    n = len(by_total)
+
+    def at(values: list[int], q: float) -> str:
+        return f"{values[min(len(values) - 1, int(len(values) * q))] / 1000:,.0f}"
+
+    totals = [sum(s) for s in by_total]
+    p50, p98, p99 = (at(totals, q) for q in (0.5, 0.98, 0.99))
+    print(f"   the round trip: p50 {p50}, p98 {p98}, p99 {p99} µs")
+    print()
+    rows = []
+    for i, name in enumerate(names):
+        values = sorted(s[i] for s in steps)
+        over_1ms = sum(v > 1_000_000 for v in values)
+        rows.append((name, at(values, 0.5), at(values, 0.99), at(values, 0.999), str(over_1ms)))
+    table(["step", "p50 µs", "p99 µs", "p99.9 µs", "> 1 ms"], rows)
+    print()
+    slow = by_total[int(n * (1 - SLOWEST)) :]
+    medians = [statistics.median(s[i] for s in steps) for i in range(len(names))]
+    worst: collections.Counter[str] = collections.Counter()
+    excess = [0.0] * len(names)
+    for s in slow:
+        over = [s[i] - medians[i] for i in range(len(names))]
+        worst[names[max(range(len(names)), key=over.__getitem__)]] += 1
+        excess = [e + o / len(slow) for e, o in zip(excess, over, strict=True)]
+    print(f"   the slowest {SLOWEST:.0%} ({len(slow)} round trips): the step most over its median")
+    print()
+    rows = [(name, str(worst[name]), f"{excess[i] / 1000:,.0f}") for i, name in enumerate(names)]
+    table(["step", "round trips", "mean µs over median"], rows)
+    print()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     with workdir(args) as work:
@@ -152,7 +198,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.tasks} measured round trips after {WARMUP} warm-up, 1 worker x 4 threads",
             [taskring_durability(args.synchronous)],
         )
-        report(round_trips(run(work, args)), critical_path(args.synchronous))
+        trips = round_trips(run(work, args))
+        report(trips, critical_path(args.synchronous))
+        if args.tail:
+            report_tail(trips, critical_path(args.synchronous))
 
 
 if __name__ == "__main__":
