@@ -4,10 +4,10 @@ SQLite checkpoints inside the commit that takes the WAL past 1,000 pages, in
 the broker loop's thread. With `--synchronous normal` nothing else syncs the
 WAL, so that checkpoint first writes the whole WAL out to disk: about 4 MB,
 4 to 5 ms here, once every hundred one-task round trips, which made the p99
-of bench/latency.py in that mode. Here the loop's connection never
-checkpoints, and a second connection runs PASSIVE checkpoints from a daemon
-thread: PASSIVE neither waits for the writer nor blocks it, and sqlite3 lets
-go of the GIL while SQLite copies and syncs.
+of bench/latency.py in that mode. Here a second connection runs PASSIVE
+checkpoints from a daemon thread, and the loop's own is only a fallback.
+PASSIVE neither waits for the writer nor blocks it, and sqlite3 lets go of
+the GIL while SQLite copies and syncs.
 
 Not with `--synchronous full`: there the loop has synced the WAL by the time
 a checkpoint runs, which then costs about 1.2 ms, and a checkpointer thread
@@ -15,8 +15,8 @@ measured worse (README, Performance: its syncs overlap the loop's).
 
 A checkpoint that runs beside the writer cannot finish the WAL: the loop
 commits while it copies, and SQLite starts the WAL over only at a write that
-finds every frame copied. Left alone the WAL grew by 40 MB a thousand round
-trips. So once the WAL is LONG_WAL_FRAMES long, the loop runs one PASSIVE
+finds every frame copied. Left alone the WAL grew by about 40 MB per
+thousand round trips. So once the WAL is LONG_WAL_FRAMES long, the loop runs one PASSIVE
 checkpoint itself, right after one of the thread's, when it has only the
 frames of that checkpoint's few milliseconds left to copy; its next write
 then starts the WAL over. The loop does it after a turn's messages left, so

@@ -29,8 +29,7 @@ from typing import Any
 import msgpack
 import sqlite_utils
 
-from taskring.broker import checkpointer
-from taskring.broker.checkpointer import WalCheckpointer
+from taskring.broker.checkpointer import FALLBACK_FRAMES, WalCheckpointer
 from taskring.broker.durability import WalSyncer
 from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
 
@@ -221,7 +220,7 @@ class Store:
         self.checkpointer: WalCheckpointer | None = None
         if synchronous == "normal":
             try:
-                self.conn.execute(f"PRAGMA wal_autocheckpoint = {checkpointer.FALLBACK_FRAMES}")
+                self.conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_FRAMES}")
                 self.checkpointer = WalCheckpointer(self.path)
             except Exception:
                 self.db.close()
