@@ -67,7 +67,6 @@ class WalCheckpointer:
             self._conn.close()
             raise
         self._stop = threading.Event()
-        self.copied = 0  # checkpoints that found frames to copy
         # Set by the thread after a checkpoint that found the WAL long, for the
         # loop's finish_checkpoint(); a plain flag, read and cleared by the loop.
         self.wal_long = False
@@ -91,12 +90,8 @@ class WalCheckpointer:
                 continue
             if frames >= LONG_WAL_FRAMES:
                 self.wal_long = True
-            if (frames, done) == last:
-                interval = min(interval * 2, IDLE_INTERVAL_S)
-            else:
-                interval = BUSY_INTERVAL_S
-                if done > 0:
-                    self.copied += 1
+            idle = (frames, done) == last
+            interval = min(interval * 2, IDLE_INTERVAL_S) if idle else BUSY_INTERVAL_S
             last = (frames, done)
 
     def finish_checkpoint(self, conn: sqlite3.Connection) -> None:
