@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tests.unit.worker_fakes import FakeBroker, WorkerThread, assignment, settings
 
+from cluster import wait_for
 from taskring import protocol
 from taskring.workers import WorkerConfigError, WorkerSettings
 from taskring.workers.pools import ProcessPool
@@ -115,7 +116,7 @@ def test_a_stopping_worker_that_cannot_tell_the_broker_starts_no_child_task(
         first, later = str(tmp_path / "first"), str(tmp_path / "later")
         waiting = (assignment(i, "wt.file_gate", later) for i in (2, 3))
         broker.dispatch(assignment(1, "wt.file_gate", first), *waiting)
-        wait_for_file(first + ".started")
+        wait_for(lambda: os.path.exists(first + ".started"), 30, "task 1 to start")
         # When the broker forgets it, and it is asked to stop before it is welcomed back
         broker.send(protocol.DISCONNECT, {"reason": "unknown worker"})
         ready = broker.skip_to(protocol.READY)
@@ -134,13 +135,6 @@ def test_a_stopping_worker_that_cannot_tell_the_broker_starts_no_child_task(
     finally:
         Path(later).touch()  # a task that did start must not outlive the test
         w.stop(drain=False)
-
-
-def wait_for_file(path: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
-        time.sleep(0.01)
 
 
 def test_the_process_pool_needs_modules() -> None:
