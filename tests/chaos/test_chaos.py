@@ -11,6 +11,8 @@ faults chaos runs found, so each one fails on its own and quickly.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ import zmq
 from taskring import protocol as p
 from taskring.broker import Broker, BrokerSettings
 from taskring.chaos import ChaosConfig, format_result, run_chaos
+from taskring.chaos.processes import Supervisor
+from taskring.chaos.runner import _Run
 
 
 @pytest.mark.chaos
@@ -49,6 +53,30 @@ def test_a_chaos_run_loses_nothing_duplicates_nothing_and_never_goes_back(
     # 100 attempts outlast any schedule (verify checked each answered cancel against the log)
     assert set(report.states) <= {"succeeded", "cancelled"}, summary
     assert report.states.get("succeeded", 0) > 100, summary
+
+
+def test_the_end_of_a_run_lets_a_worker_still_starting_set_its_handler_first(
+    tmp_path: Path,
+) -> None:
+    # Given a chaos run's broker and worker started an instant ago, as one restarted at
+    # the end of the faults is when a short drain is over
+    socket_dir = Path(tempfile.mkdtemp(prefix="trc-"))  # ipc paths are short
+    (tmp_path / "workers").mkdir()
+    config = ChaosConfig(seed=1, workers=1, clients=1)
+    sup = Supervisor(tmp_path, tmp_path / "logs")
+    run = _Run(config, tmp_path, f"ipc://{socket_dir}/broker.ipc", sup, lambda line: None)
+    try:
+        sup.start("broker", run._broker_args)
+        sup.start("w1", run._worker_args("w1"))
+        # When the run stops them at once
+        run.stop()
+        # Then both were given the time to set their SIGTERM handlers, and left cleanly,
+        # rather than being ended by the signal (exit code -15, a problem of the run)
+        assert run.problems == []
+        assert run._handles_sigterm("w1")
+    finally:
+        sup.stop_all()
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- found by chaos runs

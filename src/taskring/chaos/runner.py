@@ -198,6 +198,19 @@ class _Run:
         """The journal of a worker's n-th start (its latest by default)."""
         return self.root / "workers" / f"{name}-{n or self.sup.starts[name]}.jsonl"
 
+    def _handles_sigterm(self, role: str) -> bool:
+        """Whether the latest start of `role` has set its SIGTERM handler. Before, SIGTERM
+        ends it at once, as it would any process still starting. A worker opens its
+        journal after setting it; the broker answers only from its loop, after."""
+        if role != BROKER:
+            return self._journal(role).exists()
+        try:
+            with Client(self.endpoint, timeout_s=0.5) as client:
+                client.broker_status()
+        except TaskringError:
+            return False
+        return True
+
     def _client_args(self, index: int) -> Callable[[int], list[str]]:
         c = self.config
         plan = ClientPlan(
@@ -308,9 +321,7 @@ class _Run:
         busy = role in self.draining and fault.action != KILL  # a drain may be cut short
         if role in self.sup.down or role in self.sup.paused or busy:
             why = "is down, paused or draining"
-        elif fault.action == TERM and not self._journal(role).exists():
-            # SIGTERM before the worker set its handler ends it at once, as it would any
-            # process still starting: no drain to test yet. The journal is opened after.
+        elif fault.action == TERM and not self._handles_sigterm(role):
             why = "is still starting"
         else:
             why = ""
@@ -378,6 +389,12 @@ class _Run:
 
     def stop(self) -> None:
         """Workers first (they leave the ring), then the broker, each with SIGTERM."""
+        # A server started again at the end of the faults may still be starting when a
+        # short drain is over: SIGTERM would end it before it could leave cleanly.
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        up = [role for role in self.servers if role not in self.sup.down]
+        while not all(map(self._handles_sigterm, up)) and time.monotonic() < deadline:
+            time.sleep(TICK_S)
         for role, code in {
             **self.sup.terminate(self.config.worker_names),
             **self.sup.terminate([BROKER]),
