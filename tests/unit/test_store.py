@@ -11,6 +11,7 @@ import pytest
 from taskring.broker import checkpointer
 from taskring.broker.jobs import Job
 from taskring.broker.store import Store
+from taskring.broker.walindex import WalIndex
 
 
 @pytest.fixture
@@ -161,10 +162,77 @@ def wal_frames(store: Store) -> int:
     return (os.path.getsize(f"{store.path}-wal") - 32) // (4096 + 24)
 
 
-def test_a_full_store_leaves_checkpoints_to_sqlite(tmp_path):
+def write_big_tasks(s: Store, turns: int, payload: bytes) -> None:
+    """One 4 KB task per turn, each turn followed by what the broker does after its sends."""
+    for _ in range(turns):
+        task_id = s.allocate_id()
+        with s.turn():
+            s.insert_tasks([(task_id, "t.big", payload, None, 3, "c", task_id, 0, None)], 1.0)
+        s.finish_checkpoint()
+
+
+def test_a_full_store_checkpoints_between_turns_not_in_a_commit(tmp_path):
+    # Given a full log, whose own connection checkpoints in a commit only as a fallback
     s = Store(tmp_path / "t.db", synchronous="full")
-    assert s.checkpointer is None
-    assert s.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert isinstance(s.checkpointer, checkpointer.TurnEndCheckpointer)
+    fallback = s.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    assert fallback == checkpointer.FALLBACK_FRAMES == 16_000
+    # When 2,000 turns each write a task of 4 KB (about 12,000 WAL frames in all)
+    payload = os.urandom(4000)
+    write_big_tasks(s, 2000, payload)
+    # Then the loop copied them into the database between turns, often enough that
+    # the WAL started over near SQLite's usual length (not at the fallback's)
+    assert os.path.getsize(tmp_path / "t.db") > 1000 * len(payload)
+    assert wal_frames(s) < checkpointer.TURN_END_FRAMES + 100
+    s.close()
+    db = sqlite3.connect(tmp_path / "t.db")
+    assert db.execute("SELECT count(*) FROM tasks").fetchone()[0] == 2000
+    db.close()
+
+
+class CountingConnection:
+    """The loop's connection, counting the checkpoints it is asked to run."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.checkpoints = 0
+
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        self.checkpoints += "wal_checkpoint" in sql
+        return self.conn.execute(sql)
+
+
+def test_a_turn_end_checkpoint_blocked_by_a_reader_is_not_retried_every_turn(tmp_path):
+    # Given a full log with a reader holding an old snapshot open (a sqlite3 shell,
+    # say), so no checkpoint may copy the frames written after it
+    s = Store(tmp_path / "t.db", synchronous="full")
+    add_task(s)
+    reader = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM tasks").fetchone()
+    # and 1,100 frames written since, in turns no checkpoint followed yet
+    payload = os.urandom(4000)
+    for _ in range(550):
+        task_id = s.allocate_id()
+        with s.turn():
+            s.insert_tasks([(task_id, "t.big", payload, None, 3, "c", task_id, 0, None)], 1.0)
+    counting = CountingConnection(s.conn)
+    assert isinstance(s.checkpointer, checkpointer.TurnEndCheckpointer)
+    # When the loop finishes 50 turns
+    for _ in range(50):
+        add_task(s)
+        s.checkpointer.finish_checkpoint(counting)  # type: ignore[arg-type]
+    # Then it tried once, not once per turn
+    assert counting.checkpoints == 1
+    # And once the reader is gone and the retry is due, the next turn copies everything
+    reader.execute("COMMIT")
+    reader.close()
+    s.checkpointer._retry_at = 0.0
+    add_task(s)
+    s.checkpointer.finish_checkpoint(counting)  # type: ignore[arg-type]
+    assert counting.checkpoints == 2
+    busy, frames, copied = s.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames == copied
     s.close()
 
 
@@ -173,21 +241,16 @@ def test_a_normal_store_checkpoints_from_a_thread_and_its_wal_starts_over(tmp_pa
     monkeypatch.setattr(checkpointer, "BUSY_INTERVAL_S", 0.005)
     monkeypatch.setattr(checkpointer, "LONG_WAL_FRAMES", 100)
     s = Store(tmp_path / "t.db", synchronous="normal")
-    assert s.checkpointer is not None
+    assert isinstance(s.checkpointer, checkpointer.WalCheckpointer)
     # whose own connection checkpoints in a commit only as a fallback, at 64 MB
     fallback = s.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
     assert fallback == checkpointer.FALLBACK_FRAMES == 16_000
     # When 2,000 turns each write a task of 4 KB (about 12,000 WAL frames in all)
-    payload = os.urandom(4000)
-    for _ in range(2000):
-        task_id = s.allocate_id()
-        with s.turn():
-            s.insert_tasks([(task_id, "t.big", payload, None, 3, "c", task_id, 0, None)], 1.0)
-        s.finish_checkpoint()  # as the broker does after each turn's messages left
+    write_big_tasks(s, 2000, os.urandom(4000))
     # Then checkpoints copied the tasks into the database file while the log was open,
     # and the loop finished them often enough that the WAL started over instead of
     # growing by every frame written
-    assert os.path.getsize(tmp_path / "t.db") > 1000 * len(payload)
+    assert os.path.getsize(tmp_path / "t.db") > 4_000_000
     assert wal_frames(s) < 4000
     thread = s.checkpointer._thread
     s.close()
@@ -335,3 +398,26 @@ def test_request_dedup_lookup_and_idempotency_keys(store):
     assert store.find_request("c-1", 9) == [task_id]
     assert store.find_request("c-1", 10) is None
     assert store.find_idempotency_keys(["order-7", "order-8"]) == {"order-7": task_id}
+
+
+def test_the_wal_index_counts_frames_as_sqlite_does(tmp_path):
+    # Given a WAL-mode database that SQLite never checkpoints by itself
+    path = str(tmp_path / "w.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE t (x BLOB)")
+    index = WalIndex(path)
+    # When 50 commits of 3 KB each are written
+    for _ in range(50):
+        conn.execute("INSERT INTO t VALUES (randomblob(3000))")
+    # Then the frames left to copy are those a checkpoint then copies
+    before = index.uncopied_frames()
+    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and before == frames == copied > 50
+    # And after it nothing is left; a write that starts the WAL over counts from 0
+    assert index.uncopied_frames() == 0
+    conn.execute("INSERT INTO t VALUES (1)")
+    assert index.uncopied_frames() == 1
+    index.close()
+    conn.close()

@@ -1,17 +1,24 @@
-"""WAL checkpoints from a thread of their own, for a log that is not synced per turn.
+"""When the broker's WAL is copied into the database: between turns, not in a commit.
 
 SQLite checkpoints inside the commit that takes the WAL past 1,000 pages, in
-the broker loop's thread. With `--synchronous normal` nothing else syncs the
-WAL, so that checkpoint first writes the whole WAL out to disk: about 4 MB,
-4 to 5 ms here, once every hundred one-task round trips, which made the p99
-of bench/latency.py in that mode. Here a second connection runs PASSIVE
-checkpoints from a daemon thread, and the loop's own is only a fallback.
-PASSIVE neither waits for the writer nor blocks it, and sqlite3 lets go of
-the GIL while SQLite copies and syncs.
+the broker loop's thread, before that turn's messages may leave. Here the
+loop's own automatic checkpoint is only a fallback, at FALLBACK_FRAMES, and
+one of two classes checkpoints instead, by durability mode.
 
-Not with `--synchronous full`: there the loop has synced the WAL by the time
-a checkpoint runs, which then costs about 1.2 ms, and a checkpointer thread
-measured worse (README, Performance: its syncs overlap the loop's).
+With `--synchronous full` (TurnEndCheckpointer), the loop checkpoints right
+after a turn's messages left, once TURN_END_FRAMES wait to be copied: the
+turn that crosses the line no longer waits about 1.2 ms for it before its
+ACKs and TASKs go out; a message arriving meanwhile waits for the rest. It
+reads the WAL's length from SQLite's wal-index (broker/walindex.py), since
+Python's sqlite3 has no WAL hook. A checkpoint thread measured worse in this
+mode (README, Performance: its syncs overlap the loop's).
+
+With `--synchronous normal` (WalCheckpointer), nothing else syncs the WAL, so
+SQLite's checkpoint first writes the whole WAL out to disk: about 4 MB, 4 to
+5 ms here, once every hundred one-task round trips, which made the p99 of
+bench/latency.py in that mode. Here a second connection runs PASSIVE
+checkpoints from a daemon thread. PASSIVE neither waits for the writer nor
+blocks it, and sqlite3 lets go of the GIL while SQLite copies and syncs.
 
 A checkpoint that runs beside the writer cannot finish the WAL: the loop
 commits while it copies, and SQLite starts the WAL over only at a write that
@@ -20,12 +27,11 @@ thousand round trips. So once the WAL is LONG_WAL_FRAMES long, the loop runs one
 checkpoint itself, right after one of the thread's, when it has only the
 frames of that checkpoint's few milliseconds left to copy; its next write
 then starts the WAL over. The loop does it after a turn's messages left, so
-none of them waits for it. Should the thread stop, SQLite's own checkpoint,
-set to FALLBACK_FRAMES, still bounds the WAL.
+none of them waits for it.
 
-A departure from DESIGN.md's single-threaded broker, in this mode only: the
-thread shares nothing with the loop but the `wal_long` flag, and SQLite's
-own locking keeps its checkpoints and the loop's writes apart.
+The thread is a departure from DESIGN.md's single-threaded broker, in normal
+mode only: it shares nothing with the loop but the `wal_long` flag, and
+SQLite's own locking keeps its checkpoints and the loop's writes apart.
 
 Durability is SQLite's own either way: a checkpoint syncs the WAL before it
 copies and the database after, and the loop's connection is still the one
@@ -37,6 +43,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
+
+from taskring.broker.walindex import WalIndex
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,12 @@ IDLE_INTERVAL_S = 2.0
 LONG_WAL_FRAMES = 4_000
 # The loop's own automatic checkpoint, should the thread stop: 64 MB.
 FALLBACK_FRAMES = 4 * LONG_WAL_FRAMES
+# With full durability, frames left to copy that make the loop checkpoint
+# after a turn: SQLite's own default threshold.
+TURN_END_FRAMES = 1_000
+# A reader of an old snapshot (a sqlite3 shell, say) stops a checkpoint short;
+# then the loop tries again after this long, not after every turn.
+BLOCKED_RETRY_S = 1.0
 # How long close() waits for a checkpoint in progress.
 CLOSE_TIMEOUT_S = 10.0
 
@@ -111,3 +126,25 @@ class WalCheckpointer:
             log.warning("WAL checkpoint still running after %.0f s; not waiting", CLOSE_TIMEOUT_S)
             return
         self._conn.close()
+
+
+class TurnEndCheckpointer:
+    """PASSIVE checkpoints in the loop's thread, between turns (with full durability)."""
+
+    def __init__(self, db_path: str) -> None:
+        self._index = WalIndex(db_path)
+        self._retry_at = 0.0
+
+    def finish_checkpoint(self, conn: sqlite3.Connection) -> None:
+        """After a turn's messages left, outside a transaction: copy the WAL if it is long."""
+        if self._index.uncopied_frames() < TURN_END_FRAMES:
+            return
+        now = time.monotonic()
+        if now < self._retry_at:
+            return
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if self._index.uncopied_frames() >= TURN_END_FRAMES:
+            self._retry_at = now + BLOCKED_RETRY_S
+
+    def close(self) -> None:
+        self._index.close()

@@ -11,8 +11,8 @@ default) it also survives power loss once `sync()` returned: SQLite commits
 with synchronous=NORMAL and a WalSyncer fdatasyncs the WAL file, once for all
 the commits since the last sync (broker/durability.py). With `"normal"`
 nothing is synced per commit: a power loss may roll back the last commits.
-It is offered for speed; its WAL checkpoints run in a thread of their own
-(broker/checkpointer.py).
+It is offered for speed. In either mode the WAL is copied into the database
+between turns, not inside a commit (broker/checkpointer.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 import sqlite_utils
 
-from taskring.broker.checkpointer import FALLBACK_FRAMES, WalCheckpointer
+from taskring.broker.checkpointer import FALLBACK_FRAMES, TurnEndCheckpointer, WalCheckpointer
 from taskring.broker.durability import WalSyncer
 from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
 
@@ -209,22 +209,21 @@ class Store:
         # Commits are numbered, so that a sync can tell whether one is needed.
         self.generation = 0
         self.syncer: WalSyncer | None = None
-        if synchronous == "full":
-            try:
+        self.checkpointer: WalCheckpointer | TurnEndCheckpointer | None = None
+        try:
+            # Checkpoints run between turns; SQLite's own, inside a commit, is a fallback.
+            self.conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_FRAMES}")
+            if synchronous == "full":
                 # The read above made SQLite open (and create) the WAL file.
                 self.syncer = WalSyncer(self.path)
-            except OSError:
-                self.db.close()
-                raise
-        # Unsynced, the WAL is written out by the checkpoint: not in the loop's thread.
-        self.checkpointer: WalCheckpointer | None = None
-        if synchronous == "normal":
-            try:
-                self.conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_FRAMES}")
+                self.checkpointer = TurnEndCheckpointer(self.path)
+            else:
                 self.checkpointer = WalCheckpointer(self.path)
-            except Exception:
-                self.db.close()
-                raise
+        except Exception:
+            if self.syncer is not None:
+                self.syncer.close()
+            self.db.close()
+            raise
 
     def sync(self) -> None:
         """Make every commit so far survive power loss (with synchronous="full")."""
@@ -237,8 +236,8 @@ class Store:
                 raise sqlite3.OperationalError(f"fsync of the task log failed: {e}") from e
 
     def finish_checkpoint(self) -> None:
-        """Between turns, after their messages left: with a checkpointer thread, copy
-        what it could not once the WAL is long, so that the WAL starts over."""
+        """Between turns, after their messages left: copy the WAL into the database
+        once it is long, so that the WAL starts over."""
         if self.checkpointer is not None:
             self.checkpointer.finish_checkpoint(self.conn)
 
