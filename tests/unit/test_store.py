@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 
 import pytest
 
@@ -421,3 +422,32 @@ def test_the_wal_index_counts_frames_as_sqlite_does(tmp_path):
     assert index.uncopied_frames() == 1
     index.close()
     conn.close()
+
+
+@pytest.mark.parametrize("synchronous", ["full", "normal"])
+def test_a_wal_grown_long_is_cut_back_when_it_starts_over(tmp_path, monkeypatch, synchronous):
+    # Given a log whose WAL is cut back to 1 MB, and a reader holding an old
+    # snapshot open, so that no checkpoint can finish while 3 MB are written
+    monkeypatch.setattr("taskring.broker.store.WAL_SIZE_LIMIT_BYTES", 1_000_000)
+    s = Store(tmp_path / "t.db", synchronous=synchronous)
+    add_task(s)
+    reader = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM tasks").fetchone()
+    write_big_tasks(s, 350, os.urandom(4000))
+    wal = f"{s.path}-wal"
+    assert os.path.getsize(wal) > 2_500_000
+    # When the reader is gone and a checkpoint copies everything (in normal mode
+    # the checkpoint thread may hold the checkpoint lock for a moment)
+    reader.execute("COMMIT")
+    reader.close()
+    for _ in range(100):
+        busy, frames, copied = s.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if busy == 0 and frames == copied:
+            break
+        time.sleep(0.01)
+    assert busy == 0 and frames == copied
+    # Then the write that starts the WAL over cuts the file back to the limit
+    add_task(s)
+    assert os.path.getsize(wal) <= 1_000_000
+    s.close()

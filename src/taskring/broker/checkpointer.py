@@ -59,6 +59,11 @@ IDLE_INTERVAL_S = 2.0
 LONG_WAL_FRAMES = 4_000
 # The loop's own automatic checkpoint, should the thread stop: 64 MB.
 FALLBACK_FRAMES = 4 * LONG_WAL_FRAMES
+# The size SQLite cuts the WAL file back to when it starts the WAL over. A WAL
+# grown long (a burst, or a reader that held checkpoints back) would otherwise
+# keep its size on disk until the broker stops. Above the WAL's usual length,
+# so that the usual restarts truncate nothing: in a commit, that costs time.
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 # With full durability, frames left to copy that make the loop checkpoint
 # after a turn: SQLite's own default threshold.
 TURN_END_FRAMES = 1_000

@@ -29,7 +29,12 @@ from typing import Any
 import msgpack
 import sqlite_utils
 
-from taskring.broker.checkpointer import FALLBACK_FRAMES, TurnEndCheckpointer, WalCheckpointer
+from taskring.broker.checkpointer import (
+    FALLBACK_FRAMES,
+    WAL_SIZE_LIMIT_BYTES,
+    TurnEndCheckpointer,
+    WalCheckpointer,
+)
 from taskring.broker.durability import WalSyncer
 from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
 
@@ -213,6 +218,7 @@ class Store:
         try:
             # Checkpoints run between turns; SQLite's own, inside a commit, is a fallback.
             self.conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_FRAMES}")
+            self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
             if synchronous == "full":
                 # The read above made SQLite open (and create) the WAL file.
                 self.syncer = WalSyncer(self.path)
