@@ -261,6 +261,30 @@ def test_broker_killed_while_tasks_run_keeps_every_acknowledged_result(
     check_log_after_broker_crash(cluster, ids, journals, killed_at if phase == "results" else None)
 
 
+# ---------------------------------------------------------------- 2b. the live log read elsewhere
+
+
+def test_a_live_log_opened_and_closed_elsewhere_keeps_what_is_acknowledged_after(
+    cluster: Cluster,
+) -> None:
+    # Given a broker with full durability (the default) and 50 acknowledged tasks
+    cluster.start_broker()
+    start_workers(cluster, "w1")
+    with cluster.client() as client:
+        before = client.submit_many("crash_tasks.whoami", [(0,)] * 50)
+    # When another process opens the live log, reads it and closes it, as a
+    # sqlite3 shell would (query() opens it read-write)
+    assert query(cluster.db, "SELECT count(*) FROM tasks") == [(50,)]
+    # and 50 more tasks are acknowledged before the broker is SIGKILLed
+    with cluster.client() as client:
+        after = client.submit_many("crash_tasks.whoami", [(0,)] * 50)
+    restart_broker(cluster)
+    # Then the log still has every acknowledged task: the other process did not
+    # delete the WAL that the broker went on committing into
+    rows = query(cluster.db, "SELECT id FROM tasks ORDER BY id")
+    assert [task_id for (task_id,) in rows] == sorted(before + after)
+
+
 # ---------------------------------------------------------------- 3. leases survive a restart
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -203,28 +205,32 @@ class CountingConnection:
         return self.conn.execute(sql)
 
 
-def test_a_turn_end_checkpoint_blocked_by_a_reader_is_not_retried_every_turn(tmp_path):
+def test_a_turn_end_checkpoint_blocked_by_a_reader_is_not_retried_every_turn(tmp_path, monkeypatch):
     # Given a full log with a reader holding an old snapshot open (a sqlite3 shell,
     # say), so no checkpoint may copy the frames written after it
+    monkeypatch.setattr(checkpointer, "BLOCKED_RETRY_S", 3600.0)
     s = Store(tmp_path / "t.db", synchronous="full")
     add_task(s)
     reader = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM tasks").fetchone()
-    # and 1,100 frames written since, in turns no checkpoint followed yet
+    # and over 1,000 frames written since, in turns no checkpoint followed yet
     payload = os.urandom(4000)
     for _ in range(550):
         task_id = s.allocate_id()
         with s.turn():
             s.insert_tasks([(task_id, "t.big", payload, None, 3, "c", task_id, 0, None)], 1.0)
-    counting = CountingConnection(s.conn)
     assert isinstance(s.checkpointer, checkpointer.TurnEndCheckpointer)
+    index = s.checkpointer._index
+    assert index.uncopied_frames() > checkpointer.TURN_END_FRAMES
+    counting = CountingConnection(s.conn)
     # When the loop finishes 50 turns
     for _ in range(50):
         add_task(s)
         s.checkpointer.finish_checkpoint(counting)  # type: ignore[arg-type]
-    # Then it tried once, not once per turn
+    # Then it tried once, not once per turn, and could copy nothing past the reader
     assert counting.checkpoints == 1
+    assert index.uncopied_frames() > checkpointer.TURN_END_FRAMES
     # And once the reader is gone and the retry is due, the next turn copies everything
     reader.execute("COMMIT")
     reader.close()
@@ -232,8 +238,53 @@ def test_a_turn_end_checkpoint_blocked_by_a_reader_is_not_retried_every_turn(tmp
     add_task(s)
     s.checkpointer.finish_checkpoint(counting)  # type: ignore[arg-type]
     assert counting.checkpoints == 2
-    busy, frames, copied = s.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    assert busy == 0 and frames == copied
+    assert index.uncopied_frames() == 0
+    s.close()
+
+
+class FailingConnection:
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_failed_turn_end_checkpoint_is_logged_and_tried_again_later(tmp_path, caplog):
+    # Given a full log with 1,000 frames to copy, and a disk that fails the copy
+    s = Store(tmp_path / "t.db", synchronous="full")
+    payload = os.urandom(4000)
+    for _ in range(500):
+        task_id = s.allocate_id()
+        with s.turn():
+            s.insert_tasks([(task_id, "t.big", payload, None, 3, "c", task_id, 0, None)], 1.0)
+    assert isinstance(s.checkpointer, checkpointer.TurnEndCheckpointer)
+    # When the loop finishes a turn, then another at once
+    s.checkpointer.finish_checkpoint(FailingConnection())  # type: ignore[arg-type]
+    s.checkpointer.finish_checkpoint(s.conn)
+    # Then the failure is a warning, not the loop's end, and the next try waits
+    assert "WAL checkpoint failed: disk I/O error" in caplog.text
+    assert s.checkpointer._index.uncopied_frames() >= checkpointer.TURN_END_FRAMES
+    # And once it is due, the copy is done
+    s.checkpointer._retry_at = 0.0
+    s.checkpointer.finish_checkpoint(s.conn)
+    assert s.checkpointer._index.uncopied_frames() == 0
+    s.close()
+
+
+def test_a_full_store_without_a_readable_wal_index_checkpoints_as_sqlite_does(
+    tmp_path, monkeypatch, caplog
+):
+    # Given a SQLite that keeps its wal-index in memory: no -shm file to read
+    def no_shm(path: str) -> WalIndex:
+        raise FileNotFoundError(f"{path}-shm")
+
+    monkeypatch.setattr("taskring.broker.store.WalIndex", no_shm)
+    # When a full log opens
+    s = Store(tmp_path / "t.db", synchronous="full")
+    # Then it serves, and SQLite checkpoints in its commits as by default
+    assert s.checkpointer is None
+    assert s.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert "WAL length unreadable" in caplog.text
+    add_task(s)
+    s.finish_checkpoint()
     s.close()
 
 
@@ -450,4 +501,36 @@ def test_a_wal_grown_long_is_cut_back_when_it_starts_over(tmp_path, monkeypatch,
     # Then the write that starts the WAL over cuts the file back to the limit
     add_task(s)
     assert os.path.getsize(wal) <= 1_000_000
+    s.close()
+
+
+def open_and_close_elsewhere(path: str) -> int:
+    """What a sqlite3 shell or a monitoring script does: open the live log, read, close."""
+    code = (
+        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
+        " print(c.execute('SELECT count(*) FROM tasks').fetchone()[0]); c.close()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, path], check=True, capture_output=True, text=True, timeout=30
+    )
+    return int(out.stdout)
+
+
+@pytest.mark.parametrize("synchronous", ["full", "normal"])
+def test_another_process_closing_the_log_leaves_the_brokers_wal_alone(tmp_path, synchronous):
+    # Given an open log with one task committed
+    s = Store(tmp_path / "t.db", synchronous=synchronous)
+    add_task(s)
+    s.sync()
+    # When another process opens the log, reads it and closes it
+    assert open_and_close_elsewhere(s.path) == 1
+    # Then it did not take itself for the last connection: SQLite's SHARED lock on
+    # the database file still stood, so it neither checkpointed nor deleted the WAL
+    # (a store that closed a descriptor of the file of its own had lost that lock)
+    assert os.path.exists(f"{s.path}-wal")
+    # And what the store commits and syncs from now on is in the log's WAL, where
+    # a restart finds it, not in a deleted file
+    add_task(s)
+    s.sync()
+    assert open_and_close_elsewhere(s.path) == 2
     s.close()

@@ -17,7 +17,16 @@ that file was running cost more than the overlap gained; waiting instead
 lets the next turn's input pile up, and one bigger turn commits it all.
 
 fsync works on the file, not on the descriptor, so syncing our own
-descriptor of the WAL flushes the frames SQLite wrote through its own. The
+descriptor of the WAL flushes the frames SQLite wrote through its own.
+
+Our descriptors stay open until after SQLite's connection closed. Closing
+any descriptor of a file drops every POSIX lock the process holds on that
+file, SQLite's included. Until the ninth round the syncer opened the database
+file to fsync it and closed it again, which dropped SQLite's SHARED lock on
+it: any other process that then opened and closed the log (a sqlite3 shell)
+took itself for the last connection, checkpointed and deleted the WAL, and
+the broker went on committing into the deleted file. In a test, a kill -9
+then lost all 100 acknowledged commits. The
 WAL is never deleted while the broker's connection is open; when SQLite
 starts it over after a checkpoint, it syncs the database and the WAL header
 itself (it does so in NORMAL mode too).
@@ -38,14 +47,20 @@ class WalSyncer:
         # nothing is ever written through it. No O_CREAT: SQLite owns the file.
         self._fd = os.open(real_db + "-wal", os.O_RDWR)
         try:
+            # Open until close(), after SQLite's own close (module docstring).
+            self._db_fd = os.open(real_db, os.O_RDONLY)
+        except OSError:
+            os.close(self._fd)
+            raise
+        try:
             # A broker killed before its last sync left commits that SQLite now
             # reads back from the page cache: make them durable before anything
             # is answered from them (this process starts counting generations at 0).
             _datasync(self._fd)
-            _fsync_path(real_db)
-            _fsync_path(os.path.dirname(real_db))  # the WAL may be new since the last sync
+            os.fsync(self._db_fd)
+            _fsync_folder(os.path.dirname(real_db))  # the WAL may be new since the last sync
         except OSError:
-            os.close(self._fd)
+            self.close()
             raise
         self.synced = 0  # every commit up to this generation is on disk
         # After a failed fsync, Linux may have dropped the pages it could not
@@ -65,9 +80,12 @@ class WalSyncer:
             self.synced = generation
 
     def close(self) -> None:
-        if self._fd >= 0:  # a second close must not close a number since reused
-            os.close(self._fd)
-            self._fd = -1
+        """Only once SQLite's connection to the database is closed (module docstring)."""
+        for fd in (self._fd, self._db_fd):
+            if fd >= 0:
+                os.close(fd)
+        # A second close must not close numbers since reused.
+        self._fd = self._db_fd = -1
 
 
 # fdatasync skips the file's modification time, as SQLite's own sync does on Linux;
@@ -75,8 +93,11 @@ class WalSyncer:
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
-def _fsync_path(path: str) -> None:
-    """fsync a file, or a folder (a file created since its folder's last sync can vanish)."""
+def _fsync_folder(path: str) -> None:
+    """fsync a folder: a file created since its folder's last sync can vanish.
+
+    Never a file SQLite has open this way: the close() would drop its locks on it.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import sqlite3
 from collections import defaultdict
@@ -36,11 +37,14 @@ from taskring.broker.checkpointer import (
     WalCheckpointer,
 )
 from taskring.broker.durability import WalSyncer
+from taskring.broker.walindex import WalIndex
 from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
 
 # sqlite3.Row, read by column name; typed loosely because typeshed's Row is
 # not a Mapping, though every reader here uses it as one.
 Row = Any
+
+log = logging.getLogger(__name__)
 
 migrations = sqlite_utils.Migrations("taskring")
 
@@ -214,6 +218,7 @@ class Store:
         # Commits are numbered, so that a sync can tell whether one is needed.
         self.generation = 0
         self.syncer: WalSyncer | None = None
+        self._wal_index: WalIndex | None = None
         self.checkpointer: WalCheckpointer | TurnEndCheckpointer | None = None
         try:
             # Checkpoints run between turns; SQLite's own, inside a commit, is a fallback.
@@ -222,14 +227,23 @@ class Store:
             if synchronous == "full":
                 # The read above made SQLite open (and create) the WAL file.
                 self.syncer = WalSyncer(self.path)
-                self.checkpointer = TurnEndCheckpointer(self.path)
+                self.checkpointer = self._turn_end_checkpointer()
             else:
                 self.checkpointer = WalCheckpointer(self.path)
         except Exception:
-            if self.syncer is not None:
-                self.syncer.close()
-            self.db.close()
+            self._close_files()
             raise
+
+    def _turn_end_checkpointer(self) -> TurnEndCheckpointer | None:
+        try:
+            self._wal_index = WalIndex(self.path)
+        except OSError as e:
+            # No -shm file: this SQLite keeps the wal-index in memory. Checkpoint
+            # inside commits, as SQLite does by default, rather than not start.
+            log.warning("WAL length unreadable (%s); SQLite checkpoints in its commits", e)
+            self.conn.execute("PRAGMA wal_autocheckpoint = 1000")
+            return None
+        return TurnEndCheckpointer(self._wal_index)
 
     def sync(self) -> None:
         """Make every commit so far survive power loss (with synchronous="full")."""
@@ -248,13 +262,21 @@ class Store:
             self.checkpointer.finish_checkpoint(self.conn)
 
     def close(self) -> None:
-        # The checkpointer's connection first: SQLite checkpoints and removes the
-        # WAL when the last connection closes, which should be the loop's.
-        if self.checkpointer is not None:
+        # The checkpoint thread's connection first: SQLite checkpoints and removes
+        # the WAL when the last connection closes, which should be the loop's.
+        if isinstance(self.checkpointer, WalCheckpointer):
             self.checkpointer.close()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        self.db.close()
+        # Our own descriptors of the log's files only after SQLite's: closing one
+        # drops every POSIX lock this process holds on that file, SQLite's
+        # included (broker/durability.py).
         if self.syncer is not None:
             self.syncer.close()
-        self.db.close()
+        if self._wal_index is not None:
+            self._wal_index.close()
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
