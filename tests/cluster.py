@@ -51,13 +51,29 @@ class Cluster:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self._logs = 0
 
-    def _spawn(
-        self, args: list[str], label: str, *, python_args: tuple[str, ...] = ("-m", "taskring")
-    ) -> subprocess.Popen[bytes]:
+    def run(self, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+        """`python -m taskring ARGS` to its end, with the cluster's environment."""
+        return subprocess.run(
+            [sys.executable, "-m", "taskring", *args],
+            cwd=self.root,
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+
+    def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(SUPPORT), str(SRC), *filter(None, [env.get("PYTHONPATH")])]
         )
+        return env
+
+    def _spawn(
+        self, args: list[str], label: str, *, python_args: tuple[str, ...] = ("-m", "taskring")
+    ) -> subprocess.Popen[bytes]:
+        env = self._env()
         self._logs += 1
         log = open(self.root / f"{self._logs:02d}-{label}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from taskring import protocol as p
-from taskring.broker import Broker, BrokerSettings, server
+from taskring.broker import Broker, BrokerSettings, ownership, server
 
 HEARTBEAT_S = 1.0
 LIVENESS = 3
@@ -1214,3 +1214,33 @@ def test_a_broker_that_cannot_bind_leaves_no_checkpoint_thread_or_log_open(
         assert not (tmp_path / "tasks.db-wal").exists()
     finally:
         first.close()
+
+
+def test_a_second_broker_on_the_same_log_is_refused_and_changes_nothing(
+    tmp_path: Path, ctx: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a broker serving a log, with one task queued
+    monkeypatch.setattr(ownership, "WAIT_S", 0.2)
+    first = make_broker(tmp_path, ctx)
+    try:
+        c = client(ctx, first)
+        (queued,) = submit(c, first, 0.0, [task()])
+        # When a second broker, on another endpoint, opens the same log
+        with pytest.raises(ownership.LogInUse) as refused:
+            make_broker(tmp_path, ctx)
+        # Then it is refused with who holds the log, before it read or wrote anything
+        assert str(refused.value) == (
+            f"task log {str(tmp_path / 'tasks.db')!r} is in use by another broker "
+            f"(pid {os.getpid()}); stop that one first, or give this one another --db"
+        )
+        # And the first still serves: its task is there, and it takes another
+        (second,) = submit(c, first, 0.0, [task()])
+        assert second == queued + 1
+    finally:
+        first.close()
+    # And once the first has closed, a broker opens the log and finds both tasks
+    again = make_broker(tmp_path, ctx)
+    try:
+        assert again.counts[p.QUEUED] == 2
+    finally:
+        again.close()

@@ -118,6 +118,25 @@ def test_broker_restart_with_sigterm_completes_every_queued_task(cluster: Cluste
     assert [e["kind"] for e in history].count("succeeded") == 1
 
 
+def test_a_second_broker_on_a_live_log_exits_with_one_line(cluster: Cluster) -> None:
+    # Given a broker serving a log
+    cluster.start_broker()
+    assert cluster.broker is not None
+    # When `taskring broker` is started on the same log, on another endpoint
+    second = cluster.run(
+        "broker", "--db", str(cluster.db), "--endpoint", f"ipc://{cluster.root}/second.ipc"
+    )
+    # Then it exits 2 with one line that names the broker holding the log
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.splitlines() == [
+        f"error: task log {str(cluster.db)!r} is in use by another broker "
+        f"(pid {cluster.broker.pid}); stop that one first, or give this one another --db"
+    ]
+    # And the first broker still serves
+    status = cluster.status()
+    assert status is not None and status["states"] == {}
+
+
 def test_heartbeats_flow_while_a_task_busy_loops(cluster: Cluster) -> None:
     # Given a worker with a short liveness window (0.2 s x 3)
     cluster.start_broker()

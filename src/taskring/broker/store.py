@@ -37,6 +37,7 @@ from taskring.broker.checkpointer import (
     WalCheckpointer,
 )
 from taskring.broker.durability import WalSyncer
+from taskring.broker.ownership import LogLock
 from taskring.broker.walindex import WalIndex
 from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
 
@@ -202,6 +203,15 @@ class Store:
             raise ValueError("synchronous must be 'full' or 'normal'")
         _require_features()
         self.path = os.fspath(path)
+        # Before anything reads the log: one broker per log (broker/ownership.py).
+        self._owner = LogLock(self.path)
+        try:
+            self._open(synchronous)
+        except BaseException:
+            self._owner.close()
+            raise
+
+    def _open(self, synchronous: str) -> None:
         created = not os.path.exists(self.path)
         # The log may hold task arguments and results: readable by its owner only.
         if created:
@@ -277,6 +287,7 @@ class Store:
             self.syncer.close()
         if self._wal_index is not None:
             self._wal_index.close()
+        self._owner.close()
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:

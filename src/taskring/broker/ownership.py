@@ -1,0 +1,73 @@
+"""One broker per task log: an exclusive lock on a file beside the database.
+
+Two brokers on one log would each lease the same queued tasks and allocate
+the same task ids: tasks would run twice, and one broker's inserts would
+fail. A second broker on the same endpoint already fails to bind; on another
+port or ipc path nothing else would stop it.
+
+The lock is flock() on `<db>.lock`, not on the database itself: SQLite's own
+locks are POSIX fcntl locks on the database and its -shm file, which a
+close() of ours would drop (broker/durability.py), and some network
+filesystems emulate flock with fcntl locks. The kernel lets go of the lock
+when the process ends, SIGKILL included, so a restarted broker never finds a
+stale one. A frozen broker (SIGSTOP) keeps it, as it should: it would write
+again on SIGCONT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+
+from taskring.errors import TaskringError
+
+# How long a new broker waits for the lock: the one before it may still be
+# closing its log after SIGTERM, or not yet reaped after SIGKILL.
+WAIT_S = 2.0
+_RETRY_S = 0.05
+
+
+class LogInUse(TaskringError):
+    """Another live broker has this task log open."""
+
+
+class LogLock:
+    """Held from construction until close(); raises LogInUse if another broker holds it."""
+
+    def __init__(self, db_path: str, wait_s: float | None = None) -> None:
+        self.path = os.path.realpath(db_path) + ".lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._acquire(db_path, WAIT_S if wait_s is None else wait_s)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        # Who holds it, for the message a second broker gives.
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _acquire(self, db_path: str, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LogInUse(
+                        f"task log {db_path!r} is in use by another broker{self._holder()}; "
+                        "stop that one first, or give this one another --db"
+                    ) from None
+                time.sleep(_RETRY_S)
+
+    def _holder(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            return f" (pid {int(os.pread(self._fd, 32, 0))})"
+        return ""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the lock
+            self._fd = -1
