@@ -534,22 +534,28 @@ def test_a_seed_names_one_schedule():
     assert a == make_schedule(ChaosConfig(seed=42, duration_s=60))
     assert a != make_schedule(ChaosConfig(seed=43, duration_s=60))
     assert all(0 < f.at_s < 59 for f in a)
-    assert {f.target for f in a} <= {"broker", "w1", "w2", "w3"}
+    assert {f.target for f in a} <= {"broker", "w1", "w2", "w3", "log"}
     assert all(f.action == "kill" for f in a if f.target == "broker")
     assert [f.at_s for f in a] == sorted(f.at_s for f in a)
     # And graceful stops are part of it, of workers only
     stops = [f for f in a if f.action == "term"]
     assert len(stops) >= 4 and all(f.target != "broker" for f in stops)
+    # And so are reads of the live log by another process, and only of the log
+    reads = [f for f in a if f.action == "read"]
+    assert len(reads) >= 10 and {f.target for f in reads} == {"log"}
+    assert {f.action for f in a if f.target == "log"} == {"read"}
 
 
-def test_graceful_stops_leave_a_seed_s_kills_and_pauses_as_they_were():
-    # Given seed 42, whose first faults were these before graceful stops existed
+def test_graceful_stops_and_reads_leave_a_seed_s_kills_and_pauses_as_they_were():
+    # Given seed 42, whose first faults were these before graceful stops and reads
     before = [(2.28, "kill", "broker", 0.49), (3.95, "kill", "w3", 1.14)]
     before += [(6.58, "kill", "w1", 0.14), (8.24, "kill", "w1", 0.89)]
     # When its schedule is drawn now, Then its kills and pauses are unchanged: the
-    # graceful stops come from a stream of their own
+    # graceful stops and the reads come from streams of their own
     faults = make_schedule(ChaosConfig(seed=42, duration_s=60))
-    others = [(f.at_s, f.action, f.target, f.pause_s) for f in faults if f.action != "term"]
+    others = [
+        (f.at_s, f.action, f.target, f.pause_s) for f in faults if f.action in ("kill", "stop")
+    ]
     assert others[:4] == before
     assert len(others) == 25
 

@@ -4,7 +4,9 @@
    and the client processes, on an ipc endpoint in the run's folder.
 2. Play the schedule: kill -9 the broker or a worker and restart it after a
    pause, SIGSTOP a worker for a while, or SIGTERM a worker, which drains
-   and leaves, and start it again after a pause. A process that exits on
+   and leaves, and start it again after a pause. Now and then this process
+   opens the live log read-write, reads it and closes it, as a sqlite3
+   shell would. A process that exits on
    its own, or a drained worker that exits with an error, is a problem: it
    is reported and restarted.
 3. End of the faults: everything is up again; the clients stop submitting.
@@ -18,6 +20,7 @@ starts.jsonl and logs/, so `taskring verify` can look again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sqlite3
@@ -33,6 +36,7 @@ from taskring.chaos.processes import Supervisor
 from taskring.chaos.schedule import (
     BROKER,
     KILL,
+    READ,
     TERM,
     ChaosConfig,
     Fault,
@@ -317,6 +321,11 @@ class _Run:
         return elapsed
 
     def _apply(self, fault: Fault, elapsed: float) -> bool:
+        """Apply a fault, or say why not; True if it is to be undone later."""
+        if fault.action == READ:
+            self.faults_done += 1
+            self.out(f"{elapsed:7.2f} s  {fault.describe()}: {self._read_live_log()} tasks")
+            return False
         role = fault.target
         busy = role in self.draining and fault.action != KILL  # a drain may be cut short
         if role in self.sup.down or role in self.sup.paused or busy:
@@ -341,6 +350,14 @@ class _Run:
         else:
             self.sup.pause(role)
         return True
+
+    def _read_live_log(self) -> str:
+        try:
+            with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as conn:
+                return str(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+        except sqlite3.Error as e:
+            self._problem(f"the live log could not be read: {e}")
+            return "?"
 
     def _undo(self, role: str, elapsed: float) -> None:
         if role in self.sup.down:

@@ -15,6 +15,11 @@ BROKER = "broker"
 KILL = "kill"  # SIGKILL, then start again (same name, same database) after `pause_s`
 STOP = "stop"  # SIGSTOP, then SIGCONT after `pause_s`
 TERM = "term"  # SIGTERM a worker: it drains and leaves; start again `pause_s` after it exits
+# Open the live log read-write, read it and close it, as a sqlite3 shell would.
+# A broker that had dropped SQLite's lock on its database lost the WAL to such
+# a reader, and with it every task acknowledged after (broker/durability.py).
+READ = "read"
+LOG = "log"  # the target of READ: the task log, not a process
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,8 +51,8 @@ class ChaosConfig:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Fault:
     at_s: float  # seconds after the clients started
-    action: str  # KILL, STOP or TERM
-    target: str  # BROKER or a worker name (always a worker for TERM)
+    action: str  # KILL, STOP, TERM or READ
+    target: str  # BROKER or a worker name (always a worker for TERM; LOG for READ)
     pause_s: float  # until the restart (KILL; TERM: after it exited) or the SIGCONT (STOP)
 
     def describe(self) -> str:
@@ -55,12 +60,15 @@ class Fault:
             return f"kill -9 {self.target}, restart after {self.pause_s:.2f} s"
         if self.action == TERM:
             return f"SIGTERM {self.target} (it drains), restart {self.pause_s:.2f} s after it exits"
+        if self.action == READ:
+            return "another process opens the live log, reads it and closes it"
         return f"SIGSTOP {self.target} for {self.pause_s:.2f} s"
 
 
 def make_schedule(config: ChaosConfig) -> list[Fault]:
     """Faults every 1-4 s: the broker killed (30%), a worker killed (50%) or paused (20%);
-    and every 6-12 s, from 5-10 s on, a worker stopped gracefully (SIGTERM)."""
+    every 6-12 s, from 5-10 s on, a worker stopped gracefully (SIGTERM); and every
+    2-6 s, from 1-3 s on, the live log read by another process."""
     rng = random.Random(config.seed)
     faults: list[Fault] = []
     at = rng.uniform(1.0, 3.0)
@@ -81,6 +89,11 @@ def make_schedule(config: ChaosConfig) -> list[Fault]:
         worker = drains.choice(config.worker_names)
         faults.append(Fault(round(at, 2), TERM, worker, round(drains.uniform(0.1, 1.0), 2)))
         at += drains.uniform(6.0, 12.0)
+    reads = random.Random(f"{config.seed}:read")  # a stream of their own, as above
+    at = reads.uniform(1.0, 3.0)
+    while at < config.duration_s - 1.0:
+        faults.append(Fault(round(at, 2), READ, LOG, 0.0))
+        at += reads.uniform(2.0, 6.0)
     faults.sort(key=lambda fault: fault.at_s)
     return faults
 
