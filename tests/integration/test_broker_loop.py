@@ -1244,3 +1244,21 @@ def test_a_second_broker_on_the_same_log_is_refused_and_changes_nothing(
         assert again.counts[p.QUEUED] == 2
     finally:
         again.close()
+
+
+def test_a_broker_that_fails_after_opening_its_log_lets_go_of_it(
+    tmp_path: Path, ctx: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a log whose names cannot be read back at start (a bug, say)
+    monkeypatch.setattr(ownership, "WAIT_S", 0.2)
+
+    def broken(self: Any) -> dict[str, int]:
+        raise RuntimeError("cannot read names")
+
+    with monkeypatch.context() as m:
+        m.setattr(server.Store, "known_names", broken)
+        # When a broker starts on it, Then it fails
+        with pytest.raises(RuntimeError, match="cannot read names"):
+            make_broker(tmp_path, ctx)
+    # And it closed the log and let go of its lock: the next broker starts
+    make_broker(tmp_path, ctx).close()

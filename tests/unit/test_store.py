@@ -13,6 +13,7 @@ import pytest
 
 from taskring.broker import checkpointer
 from taskring.broker.jobs import Job
+from taskring.broker.ownership import LogLock
 from taskring.broker.store import Store
 from taskring.broker.walindex import WalIndex
 
@@ -534,3 +535,26 @@ def test_another_process_closing_the_log_leaves_the_brokers_wal_alone(tmp_path, 
     s.sync()
     assert open_and_close_elsewhere(s.path) == 2
     s.close()
+
+
+def test_a_log_that_is_not_a_database_is_refused_and_its_lock_let_go(tmp_path):
+    # Given a file that is not a SQLite database where the log should be
+    path = tmp_path / "t.db"
+    path.write_bytes(b"not a database, " * 512)
+    # When a store opens it, Then SQLite's refusal comes through
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        Store(path)
+    # And the file is as it was, and the log's lock is free for the next broker
+    assert path.read_bytes() == b"not a database, " * 512
+    LogLock(str(path), wait_s=0).close()
+
+
+def test_a_symbolic_link_in_place_of_the_lock_file_is_not_followed(tmp_path):
+    # Given a symbolic link where the log's lock file goes, to a file of value
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    os.symlink(victim, tmp_path / "t.db.lock")
+    # When a store opens the log, Then it refuses, and the file is untouched
+    with pytest.raises(OSError):
+        Store(tmp_path / "t.db")
+    assert victim.read_text() == "keep me\n"

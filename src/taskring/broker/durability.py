@@ -50,22 +50,21 @@ class WalSyncer:
             # Open until close(), after SQLite's own close (module docstring).
             self._db_fd = os.open(real_db, os.O_RDONLY)
         except OSError:
-            os.close(self._fd)
+            os.close(self._fd)  # SQLite holds no lock on the WAL file itself
             raise
-        try:
-            # A broker killed before its last sync left commits that SQLite now
-            # reads back from the page cache: make them durable before anything
-            # is answered from them (this process starts counting generations at 0).
-            _datasync(self._fd)
-            os.fsync(self._db_fd)
-            _fsync_folder(os.path.dirname(real_db))  # the WAL may be new since the last sync
-        except OSError:
-            self.close()
-            raise
+        self._folder = os.path.dirname(real_db)
         self.synced = 0  # every commit up to this generation is on disk
         # After a failed fsync, Linux may have dropped the pages it could not
         # write and report the next fsync as a success: one failure is final.
         self.error: OSError | None = None
+
+    def sync_what_is_there(self) -> None:
+        """At start: a broker killed before its last sync left commits that SQLite
+        now reads back from the page cache. Make them durable before anything is
+        answered from them (this process starts counting generations at 0)."""
+        _datasync(self._fd)
+        os.fsync(self._db_fd)
+        _fsync_folder(self._folder)  # the WAL may be new since the last sync
 
     def sync(self, generation: int) -> None:
         """Make every commit up to `generation` durable; OSError if the disk refuses."""

@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import time
 
 from taskring.errors import TaskringError
 
 # How long a new broker waits for the lock: the one before it may still be
-# closing its log after SIGTERM, or not yet reaped after SIGKILL.
+# closing its log after SIGTERM, or still exiting after SIGKILL (freeing its
+# memory, or stuck in an fsync on a slow disk).
 WAIT_S = 2.0
 _RETRY_S = 0.05
 
@@ -38,15 +40,19 @@ class LogLock:
 
     def __init__(self, db_path: str, wait_s: float | None = None) -> None:
         self.path = os.path.realpath(db_path) + ".lock"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Not through a symbolic link planted there: the pid below would overwrite its target.
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise OSError(f"{self.path} is not a regular file")
             self._acquire(db_path, WAIT_S if wait_s is None else wait_s)
         except BaseException:
             os.close(self._fd)
             raise
-        # Who holds it, for the message a second broker gives.
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        # Who holds it, for the message a second broker gives; the lock works without.
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def _acquire(self, db_path: str, wait_s: float) -> None:
         deadline = time.monotonic() + wait_s

@@ -62,50 +62,50 @@ class Broker:
     ) -> None:
         self.settings = settings
         self.limits = settings.limits
+        # A broker that cannot start leaves no file, lock, thread or socket open.
         self.store = Store(settings.db_path, synchronous=settings.synchronous)
         try:
             self._open_socket(settings, context)
         except BaseException:
-            self.store.close()  # a broker that cannot start leaves no file or thread open
+            self.store.close()
             raise
-
-        self.workers: dict[str, WorkerState] = {}
-        self.leases: dict[int, Lease] = {}  # every running task, by id
-        self.orphans: dict[int, Lease] = {}  # leases loaded at start, not yet reclaimed
-        self.orphan_deadline = 0.0  # all of them: one liveness window after the start
-        self.queue = TaskQueue(settings.queue_window, self._load_queued)
-        self.placement = Placement(self.queue, parked_limit=settings.queue_window)
-        self.watchers: dict[int, set[bytes]] = {}
-        self.names = self.store.known_names()
-        # Tasks by state, kept by the broker (the only writer) rather than
-        # counted in SQLite for every STATUS.
-        self.counts: collections.Counter[str] = collections.Counter(self.store.count_by_state())
-        self.started = time.monotonic()
-        self._outbox: list[list[bytes]] = []
-        self._notices: dict[bytes, list[dict[str, Any]]] = {}
-        self._new_leases: list[tuple[int, int, str]] = []
-        self._successes: list[tuple[int, int, str, bytes | None]] = []
-        self._complaints: dict[bytes, float] = {}  # identity -> last log line about it
-        self.rejected: collections.Counter[str] = collections.Counter()  # by error code
-        self._worker_keys: dict[str, str] = {}  # worker name -> the key that registered it
-        self._peer_key: str | None = None  # CURVE key of the message being handled
-        self._reload = False
-        self._disconnects: dict[bytes, float] = {}  # identity -> last DISCONNECT sent
-        self._stop = threading.Event()
-        self._handlers: dict[tuple[bytes, bytes], Handler] = {
-            (p.PROTOCOL_CLIENT, p.SUBMIT): self._on_submit,
-            (p.PROTOCOL_CLIENT, p.GET): self._on_get,
-            (p.PROTOCOL_CLIENT, p.STATUS): self._on_status,
-            (p.PROTOCOL_CLIENT, p.TASKS): self._on_tasks,
-            (p.PROTOCOL_CLIENT, p.HISTORY): self._on_history,
-            (p.PROTOCOL_CLIENT, p.CANCEL): self._on_cancel,
-            (p.PROTOCOL_WORKER, p.READY): self._on_ready,
-            (p.PROTOCOL_WORKER, p.HEARTBEAT): self._on_heartbeat,
-            (p.PROTOCOL_WORKER, p.RESULT): self._on_result,
-            (p.PROTOCOL_WORKER, p.CHECKPOINT): self._on_checkpoint,
-            (p.PROTOCOL_WORKER, p.DISCONNECT): self._on_disconnect,
-        }
         try:
+            self.workers: dict[str, WorkerState] = {}
+            self.leases: dict[int, Lease] = {}  # every running task, by id
+            self.orphans: dict[int, Lease] = {}  # leases loaded at start, not yet reclaimed
+            self.orphan_deadline = 0.0  # all of them: one liveness window after the start
+            self.queue = TaskQueue(settings.queue_window, self._load_queued)
+            self.placement = Placement(self.queue, parked_limit=settings.queue_window)
+            self.watchers: dict[int, set[bytes]] = {}
+            self.names = self.store.known_names()
+            # Tasks by state, kept by the broker (the only writer) rather than
+            # counted in SQLite for every STATUS.
+            self.counts: collections.Counter[str] = collections.Counter(self.store.count_by_state())
+            self.started = time.monotonic()
+            self._outbox: list[list[bytes]] = []
+            self._notices: dict[bytes, list[dict[str, Any]]] = {}
+            self._new_leases: list[tuple[int, int, str]] = []
+            self._successes: list[tuple[int, int, str, bytes | None]] = []
+            self._complaints: dict[bytes, float] = {}  # identity -> last log line about it
+            self.rejected: collections.Counter[str] = collections.Counter()  # by error code
+            self._worker_keys: dict[str, str] = {}  # worker name -> the key that registered it
+            self._peer_key: str | None = None  # CURVE key of the message being handled
+            self._reload = False
+            self._disconnects: dict[bytes, float] = {}  # identity -> last DISCONNECT sent
+            self._stop = threading.Event()
+            self._handlers: dict[tuple[bytes, bytes], Handler] = {
+                (p.PROTOCOL_CLIENT, p.SUBMIT): self._on_submit,
+                (p.PROTOCOL_CLIENT, p.GET): self._on_get,
+                (p.PROTOCOL_CLIENT, p.STATUS): self._on_status,
+                (p.PROTOCOL_CLIENT, p.TASKS): self._on_tasks,
+                (p.PROTOCOL_CLIENT, p.HISTORY): self._on_history,
+                (p.PROTOCOL_CLIENT, p.CANCEL): self._on_cancel,
+                (p.PROTOCOL_WORKER, p.READY): self._on_ready,
+                (p.PROTOCOL_WORKER, p.HEARTBEAT): self._on_heartbeat,
+                (p.PROTOCOL_WORKER, p.RESULT): self._on_result,
+                (p.PROTOCOL_WORKER, p.CHECKPOINT): self._on_checkpoint,
+                (p.PROTOCOL_WORKER, p.DISCONNECT): self._on_disconnect,
+            }
             self._recover(time.monotonic())
         except BaseException:
             self.close()
@@ -178,8 +178,10 @@ class Broker:
             self.context.term()
 
     def close(self) -> None:
-        self._close_sockets()
-        self.store.close()
+        try:
+            self._close_sockets()
+        finally:
+            self.store.close()
 
     # ------------------------------------------------------------ the loop
 

@@ -206,43 +206,45 @@ class Store:
         # Before anything reads the log: one broker per log (broker/ownership.py).
         self._owner = LogLock(self.path)
         try:
-            self._open(synchronous)
+            # The log may hold task arguments and results: readable by its owner only.
+            if not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            # Autocommit outside turn(): a stray write can never leave a transaction
+            # open that every later turn would silently nest inside and never commit.
+            connection = sqlite3.connect(self.path, isolation_level=None)
         except BaseException:
             self._owner.close()
             raise
+        self.db = sqlite_utils.Database(connection)
+        self.conn: sqlite3.Connection = connection
+        self.syncer: WalSyncer | None = None
+        self._wal_index: WalIndex | None = None
+        self.checkpointer: WalCheckpointer | TurnEndCheckpointer | None = None
+        # Commits are numbered, so that a sync can tell whether one is needed.
+        self.generation = 0
+        try:
+            self._open(synchronous)
+        except BaseException:
+            # In this order whatever failed: see close().
+            self._close_files()
+            raise
 
     def _open(self, synchronous: str) -> None:
-        created = not os.path.exists(self.path)
-        # The log may hold task arguments and results: readable by its owner only.
-        if created:
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        # Autocommit outside turn(): a stray write can never leave a transaction
-        # open that every later turn would silently nest inside and never commit.
-        self.db = sqlite_utils.Database(sqlite3.connect(self.path, isolation_level=None))
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA busy_timeout = 5000")
         migrations.apply(self.db)
-        self.conn: sqlite3.Connection = self.db.conn
         self.next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
-        # Commits are numbered, so that a sync can tell whether one is needed.
-        self.generation = 0
-        self.syncer: WalSyncer | None = None
-        self._wal_index: WalIndex | None = None
-        self.checkpointer: WalCheckpointer | TurnEndCheckpointer | None = None
-        try:
-            # Checkpoints run between turns; SQLite's own, inside a commit, is a fallback.
-            self.conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_FRAMES}")
-            self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
-            if synchronous == "full":
-                # The read above made SQLite open (and create) the WAL file.
-                self.syncer = WalSyncer(self.path)
-                self.checkpointer = self._turn_end_checkpointer()
-            else:
-                self.checkpointer = WalCheckpointer(self.path)
-        except Exception:
-            self._close_files()
-            raise
+        # Checkpoints run between turns; SQLite's own, inside a commit, is a fallback.
+        self.conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_FRAMES}")
+        self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
+        if synchronous == "full":
+            # The read above made SQLite open (and create) the WAL file.
+            self.syncer = WalSyncer(self.path)
+            self.syncer.sync_what_is_there()
+            self.checkpointer = self._turn_end_checkpointer()
+        else:
+            self.checkpointer = WalCheckpointer(self.path)
 
     def _turn_end_checkpointer(self) -> TurnEndCheckpointer | None:
         try:
@@ -272,13 +274,13 @@ class Store:
             self.checkpointer.finish_checkpoint(self.conn)
 
     def close(self) -> None:
+        self._close_files()
+
+    def _close_files(self) -> None:
         # The checkpoint thread's connection first: SQLite checkpoints and removes
         # the WAL when the last connection closes, which should be the loop's.
         if isinstance(self.checkpointer, WalCheckpointer):
             self.checkpointer.close()
-        self._close_files()
-
-    def _close_files(self) -> None:
         self.db.close()
         # Our own descriptors of the log's files only after SQLite's: closing one
         # drops every POSIX lock this process holds on that file, SQLite's
