@@ -232,3 +232,36 @@ def test_a_cancelled_task_that_never_checkpoints_hears_it_within_a_heartbeat(
         assert client.submit("crash_tasks.square", 7).result(timeout=20) == 49
         assert time.monotonic() - started < 10
         assert client.status(handle.id).state == "cancelled"
+
+
+def test_a_second_broker_on_a_live_ipc_endpoint_exits_and_leaves_it_to_the_first(
+    cluster: Cluster,
+) -> None:
+    # Given a broker serving an ipc endpoint
+    cluster.start_broker()
+    # When another broker, on another log, is started on the same endpoint
+    second = cluster.run(
+        "broker", "--db", str(cluster.root / "other.db"), "--endpoint", cluster.endpoint
+    )
+    # Then it exits 2 with one line, and did not take the endpoint over: libzmq
+    # would have deleted the first broker's socket file to bind its own
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.splitlines() == [
+        f"error: {cluster.endpoint} is in use by another process; "
+        "give this broker another --endpoint"
+    ]
+    status = cluster.status()
+    assert status is not None and status["states"] == {}
+    # And its log was never opened
+    assert not (cluster.root / "other.db").exists()
+
+
+def test_a_broker_replaces_the_ipc_file_of_a_broker_that_died(cluster: Cluster) -> None:
+    # Given the socket file of a broker that was killed
+    cluster.start_broker()
+    assert cluster.broker is not None
+    cluster.kill(cluster.broker)
+    assert Path(cluster.endpoint.removeprefix("ipc://")).exists()
+    # When a broker starts on that endpoint, Then it serves
+    cluster.start_broker()
+    assert cluster.status() is not None

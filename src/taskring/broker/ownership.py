@@ -2,8 +2,9 @@
 
 Two brokers on one log would each lease the same queued tasks and allocate
 the same task ids: tasks would run twice, and one broker's inserts would
-fail. A second broker on the same endpoint already fails to bind; on another
-port or ipc path nothing else would stop it.
+fail. A second broker on the same endpoint is refused anyway (a tcp port by
+bind, an ipc path by broker/endpoints.py); on another one, only this lock
+stops it.
 
 The lock is flock() on `<db>.lock`, not on the database itself: SQLite's own
 locks are POSIX fcntl locks on the database and its -shm file, which a

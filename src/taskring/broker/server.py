@@ -24,6 +24,7 @@ import zmq
 
 from taskring import __version__
 from taskring import protocol as p
+from taskring.broker.endpoints import refuse_a_live_ipc_endpoint
 from taskring.broker.jobs import Job, Lease, TaskQueue
 from taskring.broker.placement import Placement
 from taskring.broker.registry import WorkerState
@@ -62,6 +63,8 @@ class Broker:
     ) -> None:
         self.settings = settings
         self.limits = settings.limits
+        # Before the log is opened (or created): a broker that cannot serve leaves it be.
+        refuse_a_live_ipc_endpoint(settings.endpoint)
         # A broker that cannot start leaves no file, lock, thread or socket open.
         self.store = Store(settings.db_path, synchronous=settings.synchronous)
         try:

@@ -1,0 +1,39 @@
+"""Checks on the endpoint a broker binds, before libzmq sees it.
+
+libzmq binds an ipc:// endpoint by deleting whatever socket file is at its
+path first, a live one included: a second broker (on another log) would
+take the endpoint over, and workers and clients that reconnect would find a
+log whose task ids mean other tasks. A tcp:// port that is in use fails to
+bind instead, as it should.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+from taskring.errors import TaskringError
+
+
+class EndpointInUse(TaskringError):
+    """Another process serves the ipc endpoint this broker was to bind."""
+
+
+def refuse_a_live_ipc_endpoint(endpoint: str) -> None:
+    """Raise EndpointInUse if something accepts connections on this ipc:// path."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint.removeprefix("ipc://")
+    if not path or path.startswith("@"):  # Linux's abstract names: bind itself refuses
+        return
+    with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            # Nobody there (a file left by a broker that died, which libzmq
+            # replaces), or a path bind() will judge for itself.
+            return
+    raise EndpointInUse(
+        f"{endpoint} is in use by another process; give this broker another --endpoint"
+    )
