@@ -1262,3 +1262,27 @@ def test_a_broker_that_fails_after_opening_its_log_lets_go_of_it(
             make_broker(tmp_path, ctx)
     # And it closed the log and let go of its lock: the next broker starts
     make_broker(tmp_path, ctx).close()
+
+
+def test_a_task_id_given_out_again_is_not_leased_as_the_attempt_a_worker_still_holds(broker, ctx):
+    # Given a worker that still holds task 1 attempt 1 from before the log went back
+    # (restored from a copy, say), and a client whose new task gets id 1 again
+    c = client(ctx, broker)
+    w = worker(ctx, broker, 0.0, b"w1", capacity=2, held=[[1, 1]])
+    (task_id,) = submit(c, broker, 0.0, [task()])
+    assert task_id == 1
+    # Then the new task is not leased to that worker as attempt 1 while it holds that
+    assert db_rows(broker, "SELECT state FROM tasks WHERE id = 1") == [("queued",)]
+    # When the worker reports the result of what it ran as task 1 attempt 1
+    result(w, 1, 1, value="the old task's result")
+    # Then that result is recorded as stale, not applied to the new task
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == [1]
+    assert db_rows(broker, "SELECT result FROM tasks WHERE id = 1") == [(None,)]
+    # And behind that ACK the new task goes out, and its own result counts
+    sent = w.expect(broker, 0.0, p.TASK)["tasks"]
+    assert [(t["id"], t["attempt"]) for t in sent] == [(1, 1)]
+    result(w, 1, 1, value="the new task's result")
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == []
+    assert db_rows(broker, "SELECT state, result FROM tasks WHERE id = 1") == [
+        ("succeeded", p.pack("the new task's result"))
+    ]

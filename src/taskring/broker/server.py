@@ -932,11 +932,19 @@ class Broker:
     def _dispatch(self) -> None:
         """Lease queued jobs to workers with credit; one TASK message per worker."""
         batches: dict[str, list[Lease]] = {}
-        placed = self.placement.place(self.workers)
-        for job, worker in placed:
+        granted = 0
+        for job, worker in self.placement.place(self.workers):
+            if (job.id, job.attempt + 1) in worker.foreign:
+                # The worker still holds this very attempt of a task with this id, from
+                # before the log went back (restored from a copy, or a power loss with
+                # --synchronous normal) and the id was given out again. Its result would
+                # pass for this lease's. The job waits until the worker lets go of it.
+                self.placement.requeue(job)
+                continue
             self._grant(job, worker, batches)
-        self.counts[p.QUEUED] -= len(placed)
-        self.counts[p.RUNNING] += len(placed)
+            granted += 1
+        self.counts[p.QUEUED] -= granted
+        self.counts[p.RUNNING] += granted
         for name, leases in batches.items():
             self._send_tasks(self.workers[name], leases)
 
