@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import select
 from typing import Any
 
@@ -120,7 +121,11 @@ def test_settings_are_checked() -> None:
         WorkerSettings(prefetch=-1)
     assert WorkerSettings(concurrency=8, prefetch=0).capacity == 8
     assert WorkerSettings(name="w1").worker_name() == "w1"
-    assert WorkerSettings().worker_name().endswith(f"-{__import__('os').getpid()}")
+    # The default: host, pid and a random part, which two processes of one pid get apart
+    default = WorkerSettings().worker_name()
+    assert re.fullmatch(rf".+-{os.getpid()}-[0-9a-f]{{4}}", default)
+    names = {WorkerSettings().worker_name() for _ in range(20)}
+    assert len(names) > 1
 
 
 @pytest.mark.parametrize(("concurrency", "prefetch"), [(1, 1), (8, 8), (500, 500), (600, 400)])

@@ -142,7 +142,8 @@ def worker(
         Pool, typer.Option(help="thread, or process for tasks that hold the GIL.")
     ] = Pool.thread,
     name: Annotated[
-        str | None, typer.Option(help="Worker name, its place on the ring [default: host-pid].")
+        str | None,
+        typer.Option(help="Worker name, its place on the ring [default: host-pid-random]."),
     ] = None,
     endpoint: EndpointOption = DEFAULT_ENDPOINT,
     journal: Annotated[

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import socket
 from typing import Literal
 
@@ -83,5 +84,11 @@ class WorkerSettings:
         return self.concurrency + self.prefetched
 
     def worker_name(self) -> str:
-        """The name this worker registers under: `name`, or f"{host}-{pid}"."""
-        return self.name or f"{socket.gethostname()}-{os.getpid()}"
+        """The name this worker registers under: `name`, or f"{host}-{pid}-{4 hex digits}".
+
+        The random part keeps apart the workers of containers that share the
+        host's name and all run as pid 1: two live workers of one name take the
+        name from each other at the broker, over and over, and their tasks use
+        up their attempts without running.
+        """
+        return self.name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
