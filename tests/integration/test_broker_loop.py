@@ -1288,3 +1288,22 @@ def test_a_task_id_given_out_again_is_not_leased_as_the_attempt_a_worker_still_h
     assert db_rows(broker, "SELECT state, result FROM tasks WHERE id = 1") == [
         ("succeeded", p.pack("the new task's result"))
     ]
+
+
+def test_the_broker_takes_its_log_s_lock_file_again_within_a_second(
+    tmp_path: Path, ctx: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a serving broker whose log's lock file is deleted
+    monkeypatch.setattr(ownership, "WAIT_S", 0.2)
+    b = make_broker(tmp_path, ctx)
+    try:
+        b.poll_once(now=0.0, timeout_s=0)
+        (tmp_path / "tasks.db.lock").unlink()
+        # When it runs a turn a second later
+        b.poll_once(now=server.OWNERSHIP_CHECK_S, timeout_s=0)
+        # Then the file is back and held: a second broker on the log is refused
+        assert (tmp_path / "tasks.db.lock").exists()
+        with pytest.raises(ownership.LogInUse):
+            make_broker(tmp_path, ctx)
+    finally:
+        b.close()

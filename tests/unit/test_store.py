@@ -13,7 +13,7 @@ import pytest
 
 from taskring.broker import checkpointer
 from taskring.broker.jobs import Job
-from taskring.broker.ownership import LogLock
+from taskring.broker.ownership import LogInUse, LogLock
 from taskring.broker.store import Store
 from taskring.broker.walindex import WalIndex
 
@@ -558,3 +558,32 @@ def test_a_symbolic_link_in_place_of_the_lock_file_is_not_followed(tmp_path):
     with pytest.raises(OSError):
         Store(tmp_path / "t.db")
     assert victim.read_text() == "keep me\n"
+
+
+def test_a_lock_file_deleted_under_an_open_log_is_taken_again(tmp_path):
+    # Given an open log, whose lock file a cleaner of old files then deletes
+    s = Store(tmp_path / "t.db")
+    lock = tmp_path / "t.db.lock"
+    assert s.keep_ownership() is True
+    lock.unlink()
+    # When the store checks, as the broker does every second
+    assert s.keep_ownership() is False
+    # Then the file is back, held by this process: a second broker is refused
+    assert lock.read_text() == f"{os.getpid()}\n"
+    with pytest.raises(LogInUse):
+        LogLock(str(tmp_path / "t.db"), wait_s=0)
+    assert s.keep_ownership() is True
+    s.close()
+
+
+def test_a_store_whose_lock_file_another_broker_took_says_so(tmp_path):
+    # Given an open log whose lock file was deleted, and a second broker that then
+    # locked a new one at its path
+    s = Store(tmp_path / "t.db")
+    (tmp_path / "t.db.lock").unlink()
+    other = LogLock(str(tmp_path / "t.db"), wait_s=0)
+    # When the store checks, Then it learns that it no longer owns the log
+    with pytest.raises(LogInUse, match="in use by another broker"):
+        s.keep_ownership()
+    other.close()
+    s.close()

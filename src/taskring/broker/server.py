@@ -55,6 +55,8 @@ CANCEL_REASON = "cancelled by a client"
 # Messages a waiting caller's round trip goes through: work for a worker, and
 # the news that a task finished.
 _ON_A_WAITING_PATH = frozenset((p.TASK, p.NOTIFY))
+# How often the broker makes sure its log's lock file is still there (a stat).
+OWNERSHIP_CHECK_S = 1.0
 
 
 class Broker:
@@ -85,6 +87,7 @@ class Broker:
             # counted in SQLite for every STATUS.
             self.counts: collections.Counter[str] = collections.Counter(self.store.count_by_state())
             self.started = time.monotonic()
+            self._ownership_due = 0.0  # when to check the log's lock file next
             self._outbox: list[list[bytes]] = []
             self._notices: dict[bytes, list[dict[str, Any]]] = {}
             self._new_leases: list[tuple[int, int, str]] = []
@@ -228,6 +231,10 @@ class Broker:
         self._send_outbox()
         self._send_heartbeats(now)
         self.store.finish_checkpoint()
+        if now >= self._ownership_due:
+            self._ownership_due = now + OWNERSHIP_CHECK_S
+            if not self.store.keep_ownership():
+                log.error("the lock file of task log %s was gone; taken again", self.store.path)
         return len(messages)
 
     def _turn(self, messages: list[Received], now: float, wall: float) -> None:

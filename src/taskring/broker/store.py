@@ -257,6 +257,13 @@ class Store:
             return None
         return TurnEndCheckpointer(self._wal_index)
 
+    def keep_ownership(self) -> bool:
+        """Take the log's lock file again if it was removed or replaced; False if it was.
+
+        Raises LogInUse if another broker holds the file now at its path.
+        """
+        return self._owner.keep()
+
     def sync(self) -> None:
         """Make every commit so far survive power loss (with synchronous="full")."""
         if self.syncer is not None:
