@@ -1280,7 +1280,14 @@ def test_a_task_id_given_out_again_is_not_leased_as_the_attempt_a_worker_still_h
     # Then that result is recorded as stale, not applied to the new task
     assert w.expect(broker, 0.0, p.ACK)["stale"] == [1]
     assert db_rows(broker, "SELECT result FROM tasks WHERE id = 1") == [(None,)]
-    # And behind that ACK the new task goes out, and its own result counts
+    # And if that ACK was lost and the worker sends the old result again, it is
+    # still stale: the new task is not leased as (1, 1) until the worker's
+    # heartbeat no longer lists the pair
+    result(w, 1, 1, value="the old task's result")
+    assert w.expect(broker, 0.0, p.ACK)["stale"] == [1]
+    assert db_rows(broker, "SELECT state, result FROM tasks WHERE id = 1") == [("queued", None)]
+    # And once it does, the new task goes out, and its own result counts
+    w.send(p.HEARTBEAT, {"dseq": 0, "held": []})
     sent = w.expect(broker, 0.0, p.TASK)["tasks"]
     assert [(t["id"], t["attempt"]) for t in sent] == [(1, 1)]
     result(w, 1, 1, value="the new task's result")

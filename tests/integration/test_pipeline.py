@@ -265,3 +265,16 @@ def test_a_broker_replaces_the_ipc_file_of_a_broker_that_died(cluster: Cluster) 
     # When a broker starts on that endpoint, Then it serves
     cluster.start_broker()
     assert cluster.status() is not None
+
+
+def test_a_broker_does_not_bind_an_ipc_path_that_is_a_file(cluster: Cluster) -> None:
+    # Given a file of value where the endpoint would go
+    precious = cluster.root / "precious.db"
+    precious.write_bytes(b"keep me")
+    # When a broker is started on it, Then it exits 2 with one line, and the file is kept
+    run = cluster.run("broker", "--db", str(cluster.db), "--endpoint", f"ipc://{precious}")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [
+        f"error: ipc://{precious}: {precious} exists and is not a socket"
+    ]
+    assert precious.read_bytes() == b"keep me"

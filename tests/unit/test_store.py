@@ -583,7 +583,26 @@ def test_a_store_whose_lock_file_another_broker_took_says_so(tmp_path):
     (tmp_path / "t.db.lock").unlink()
     other = LogLock(str(tmp_path / "t.db"), wait_s=0)
     # When the store checks, Then it learns that it no longer owns the log
-    with pytest.raises(LogInUse, match="in use by another broker"):
+    with pytest.raises(LogInUse, match=r"another broker took task log .* over"):
         s.keep_ownership()
     other.close()
+    s.close()
+
+
+def test_a_lock_taken_on_a_file_deleted_meanwhile_counts_for_nothing(tmp_path, monkeypatch):
+    # Given an open log, and a second broker that opened its lock file and waits
+    s = Store(tmp_path / "t.db")
+    path = str(tmp_path / "t.db")
+    old_file = os.open(path + ".lock", os.O_RDWR)
+    # When the file is deleted, the first store takes a new one, and the second
+    # broker's lock on the old file then succeeds (nobody holds that one any more)
+    (tmp_path / "t.db.lock").unlink()
+    assert s.keep_ownership() is False
+    opened = iter([old_file])
+    real_open = LogLock._open
+    monkeypatch.setattr(LogLock, "_open", lambda self: next(opened, None) or real_open(self))
+    # Then the second broker sees that it locked a file no longer at the path, tries
+    # the one there now, and is refused
+    with pytest.raises(LogInUse):
+        LogLock(path, wait_s=0)
     s.close()

@@ -10,7 +10,9 @@ bind instead, as it should.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import stat
 
 from taskring.errors import TaskringError
 
@@ -20,20 +22,28 @@ class EndpointInUse(TaskringError):
 
 
 def refuse_a_live_ipc_endpoint(endpoint: str) -> None:
-    """Raise EndpointInUse if something accepts connections on this ipc:// path."""
+    """Raise EndpointInUse unless this ipc:// path is free, or a dead broker's socket."""
     if not endpoint.startswith("ipc://"):
         return
     path = endpoint.removeprefix("ipc://")
     if not path or path.startswith("@"):  # Linux's abstract names: bind itself refuses
         return
+    try:
+        kind = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(kind):
+        # bind would delete it: a file of value, perhaps the task log itself
+        raise EndpointInUse(f"{endpoint}: {path} exists and is not a socket")
     with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
-        except OSError:
-            # Nobody there (a file left by a broker that died, which libzmq
-            # replaces), or a path bind() will judge for itself.
-            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            return  # left by a broker that died: bind replaces it
+        except OSError as e:
+            # A full backlog (a frozen broker), a timeout, no permission: not free.
+            raise EndpointInUse(f"{endpoint} is in use or not ours to take: {e}") from None
     raise EndpointInUse(
         f"{endpoint} is in use by another process; give this broker another --endpoint"
     )

@@ -30,6 +30,8 @@ from taskring.errors import TaskringError
 # memory, or stuck in an fsync on a slow disk).
 WAIT_S = 2.0
 _RETRY_S = 0.05
+# How often a running broker renews its lock file's modification time.
+TOUCH_S = 3600.0
 
 
 class LogInUse(TaskringError):
@@ -42,39 +44,66 @@ class LogLock:
     def __init__(self, db_path: str, wait_s: float | None = None) -> None:
         self._db_path = db_path
         self.path = os.path.realpath(db_path) + ".lock"
+        self._touched = 0.0
         self._fd = self._take(WAIT_S if wait_s is None else wait_s)
 
     def _take(self, wait_s: float) -> int:
-        # Not through a symbolic link planted there: the pid below would overwrite its target.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(f"{self.path} is not a regular file")
-            _acquire(fd, self._db_path, wait_s)
-        except BaseException:
+        deadline = time.monotonic() + wait_s
+        while True:
+            fd = self._open()
+            try:
+                _acquire(fd, self._db_path, max(0.0, deadline - time.monotonic()))
+                if _same_file(os.fstat(fd), self._at_path()):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            # Locked a file deleted or replaced meanwhile (its holder took a new one,
+            # see keep()): that lock keeps nobody out. Try the file there now.
             os.close(fd)
-            raise
         # Who holds it, for the message a second broker gives; the lock works without.
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._touched = time.monotonic()
         return fd
+
+    def _open(self) -> int:
+        # Not through a symbolic link planted there: the pid would overwrite its target.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{self.path} is not a regular file")
+        return fd
+
+    def _at_path(self) -> os.stat_result | None:
+        try:
+            return os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
 
     def keep(self) -> bool:
         """Make sure the lock file at the path is still the one held; False if it was not.
 
         A file deleted or replaced under a running broker (a cleaner of old files
         in /tmp, say) would let a second broker lock a new one. Then this takes
-        the file at the path again, or raises LogInUse if another broker has.
+        the file at the path again, or raises LogInUse if another broker has. Its
+        modification time is renewed now and then, so that a cleaner that goes
+        by age leaves it alone.
         """
-        try:
-            now = os.stat(self.path, follow_symlinks=False)
-        except FileNotFoundError:
-            now = None
-        held = os.fstat(self._fd)
-        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+        if _same_file(os.fstat(self._fd), self._at_path()):
+            if time.monotonic() - self._touched > TOUCH_S:
+                with contextlib.suppress(OSError):
+                    os.utime(self._fd)
+                self._touched = time.monotonic()
             return True
-        fd = self._take(wait_s=0)
+        try:
+            fd = self._take(wait_s=0)
+        except LogInUse:
+            raise LogInUse(
+                f"another broker took task log {self._db_path!r} over after its lock "
+                "file was deleted; this one stops"
+            ) from None
         os.close(self._fd)
         self._fd = fd
         return False
@@ -83,6 +112,10 @@ class LogLock:
         if self._fd >= 0:
             os.close(self._fd)  # releases the lock
             self._fd = -1
+
+
+def _same_file(a: os.stat_result, b: os.stat_result | None) -> bool:
+    return b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _acquire(fd: int, db_path: str, wait_s: float) -> None:

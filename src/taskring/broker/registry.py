@@ -54,6 +54,11 @@ class WorkerState:
             return 0
         return self.capacity - self.held
 
+    def may_hold(self, key: tuple[int, int]) -> bool:
+        """Whether the worker may still hold this (id, attempt) as something not leased
+        to it: reported foreign, or a result ACKed that it may not have heard of yet."""
+        return key in self.foreign or key in self.acked
+
     def update_foreign(self, held: set[tuple[int, int]], dseq: int) -> None:
         """From a READY's or HEARTBEAT's `held` and `dseq`, once the leases it claims are
         settled."""

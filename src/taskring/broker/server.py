@@ -233,8 +233,12 @@ class Broker:
         self.store.finish_checkpoint()
         if now >= self._ownership_due:
             self._ownership_due = now + OWNERSHIP_CHECK_S
-            if not self.store.keep_ownership():
-                log.error("the lock file of task log %s was gone; taken again", self.store.path)
+            try:
+                if not self.store.keep_ownership():
+                    log.error("the lock file of task log %s was gone; taken again", self.store.path)
+            except OSError as e:
+                # The old lock still holds; a folder gone read-only is no reason to stop.
+                log.warning("cannot check the lock file of task log %s: %s", self.store.path, e)
         return len(messages)
 
     def _turn(self, messages: list[Received], now: float, wall: float) -> None:
@@ -941,11 +945,14 @@ class Broker:
         batches: dict[str, list[Lease]] = {}
         granted = 0
         for job, worker in self.placement.place(self.workers):
-            if (job.id, job.attempt + 1) in worker.foreign:
+            if worker.may_hold((job.id, job.attempt + 1)):
                 # The worker still holds this very attempt of a task with this id, from
                 # before the log went back (restored from a copy, or a power loss with
-                # --synchronous normal) and the id was given out again. Its result would
-                # pass for this lease's. The job waits until the worker lets go of it.
+                # --synchronous normal) and the id was given out again; or its stale
+                # result was ACKed and it may not have heard yet. Its result (again)
+                # would pass for this lease's. The job waits until the worker's
+                # heartbeat no longer lists the pair. Meanwhile it takes that worker's
+                # spare credit in every placement: a rare case, kept simple.
                 self.placement.requeue(job)
                 continue
             self._grant(job, worker, batches)
