@@ -166,13 +166,15 @@ def wal_frames(store: Store) -> int:
     return (os.path.getsize(f"{store.path}-wal") - 32) // (4096 + 24)
 
 
-def write_big_tasks(s: Store, turns: int, payload: bytes) -> None:
-    """One 4 KB task per turn, each turn followed by what the broker does after its sends."""
+def write_big_tasks(s: Store, turns: int, payload: bytes, *, finish: bool = True) -> None:
+    """One 4 KB task per turn, each turn followed by what the broker does after its sends
+    (unless `finish` is False: then no checkpoint follows the turns yet)."""
     for _ in range(turns):
         task_id = s.allocate_id()
         with s.turn():
             s.insert_tasks([(task_id, "t.big", payload, None, 3, "c", task_id, 0, None)], 1.0)
-        s.finish_checkpoint()
+        if finish:
+            s.finish_checkpoint()
 
 
 def test_a_full_store_checkpoints_between_turns_not_in_a_commit(tmp_path):
@@ -216,11 +218,7 @@ def test_a_turn_end_checkpoint_blocked_by_a_reader_is_not_retried_every_turn(tmp
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM tasks").fetchone()
     # and over 1,000 frames written since, in turns no checkpoint followed yet
-    payload = os.urandom(4000)
-    for _ in range(550):
-        task_id = s.allocate_id()
-        with s.turn():
-            s.insert_tasks([(task_id, "t.big", payload, None, 3, "c", task_id, 0, None)], 1.0)
+    write_big_tasks(s, 550, os.urandom(4000), finish=False)
     assert isinstance(s.checkpointer, checkpointer.TurnEndCheckpointer)
     index = s.checkpointer._index
     assert index.uncopied_frames() > checkpointer.TURN_END_FRAMES
@@ -251,11 +249,7 @@ class FailingConnection:
 def test_a_failed_turn_end_checkpoint_is_logged_and_tried_again_later(tmp_path, caplog):
     # Given a full log with 1,000 frames to copy, and a disk that fails the copy
     s = Store(tmp_path / "t.db", synchronous="full")
-    payload = os.urandom(4000)
-    for _ in range(500):
-        task_id = s.allocate_id()
-        with s.turn():
-            s.insert_tasks([(task_id, "t.big", payload, None, 3, "c", task_id, 0, None)], 1.0)
+    write_big_tasks(s, 500, os.urandom(4000), finish=False)
     assert isinstance(s.checkpointer, checkpointer.TurnEndCheckpointer)
     # When the loop finishes a turn, then another at once
     s.checkpointer.finish_checkpoint(FailingConnection())  # type: ignore[arg-type]
