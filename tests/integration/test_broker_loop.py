@@ -247,6 +247,21 @@ def test_a_failed_wal_sync_stops_the_broker_and_sends_nothing(tmp_path, ctx, mon
         assert not c.socket.poll(50)
     finally:
         b.close()
+    # And it left a mark beside the log, for the next start
+    marker = tmp_path / "tasks.db.sync-failed"
+    assert "Input/output error" in marker.read_text()
+    # When a broker starts again on the log, with the disk working again
+    monkeypatch.undo()
+    again = make_broker(tmp_path, ctx, synchronous="full")
+    try:
+        # Then before serving it copied the whole log into the database file and
+        # synced it (the WAL is empty), since the failed pages may never reach the
+        # disk otherwise; the unacknowledged submit is there, now on disk
+        assert not marker.exists()
+        assert os.path.getsize(tmp_path / "tasks.db-wal") == 0
+        assert again.counts[p.QUEUED] == 1
+    finally:
+        again.close()
 
 
 def test_idempotency_key_dedups_across_clients(broker, ctx):

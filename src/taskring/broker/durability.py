@@ -34,7 +34,9 @@ itself (it does so in NORMAL mode too).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 
 class WalSyncer:
@@ -53,6 +55,7 @@ class WalSyncer:
             os.close(self._fd)  # SQLite holds no lock on the WAL file itself
             raise
         self._folder = os.path.dirname(real_db)
+        self._db_path = db_path
         self.synced = 0  # every commit up to this generation is on disk
         # After a failed fsync, Linux may have dropped the pages it could not
         # write and report the next fsync as a success: one failure is final.
@@ -75,8 +78,18 @@ class WalSyncer:
                 _datasync(self._fd)
             except OSError as e:
                 self.error = e
+                self._leave_marker(e)
                 raise
             self.synced = generation
+
+    def _leave_marker(self, error: OSError) -> None:
+        """For the next start: this log's page cache may hold commits the disk never got."""
+        with contextlib.suppress(OSError):
+            fd = os.open(failed_sync_marker(self._db_path), os.O_CREAT | os.O_WRONLY, 0o600)
+            try:
+                os.write(fd, f"{time.time():.3f} {error}\n".encode())
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         """Only once SQLite's connection to the database is closed (module docstring)."""
@@ -85,6 +98,17 @@ class WalSyncer:
                 os.close(fd)
         # A second close must not close numbers since reused.
         self._fd = self._db_fd = -1
+
+
+def failed_sync_marker(db_path: str) -> str:
+    """The file a failed sync leaves beside the log (see Store's start).
+
+    After a failed fsync, Linux may mark the pages it could not write clean:
+    they stay readable in the page cache, are never written again, and a
+    later fsync through a new descriptor reports success. A broker started
+    on such a log would answer resends from commits the disk does not have.
+    """
+    return os.path.realpath(db_path) + ".sync-failed"
 
 
 # fdatasync skips the file's modification time, as SQLite's own sync does on Linux;

@@ -36,7 +36,7 @@ from taskring.broker.checkpointer import (
     TurnEndCheckpointer,
     WalCheckpointer,
 )
-from taskring.broker.durability import WalSyncer
+from taskring.broker.durability import WalSyncer, failed_sync_marker
 from taskring.broker.ownership import LogLock
 from taskring.broker.walindex import WalIndex
 from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
@@ -234,6 +234,7 @@ class Store:
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute("PRAGMA busy_timeout = 5000")
         migrations.apply(self.db)
+        self._recover_from_a_failed_sync()
         self.next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
         # Checkpoints run between turns; SQLite's own, inside a commit, is a fallback.
         self.conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_FRAMES}")
@@ -245,6 +246,29 @@ class Store:
             self.checkpointer = self._turn_end_checkpointer()
         else:
             self.checkpointer = WalCheckpointer(self.path)
+
+    def _recover_from_a_failed_sync(self) -> None:
+        """After a failed sync (durability.failed_sync_marker), copy the whole log into
+        the database file and sync it, before anything is answered from it.
+
+        The checkpoint writes what SQLite reads back, failed pages included, into
+        the database file as new writes, and syncs that (SQLite does, in NORMAL
+        mode too) before it empties the WAL; an error (the disk still failing)
+        stops the start, and the marker stays.
+        """
+        marker = failed_sync_marker(self.path)
+        if not os.path.exists(marker):
+            return
+        log.warning("the last sync of task log %s failed: copying it before serving", self.path)
+        busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite3.OperationalError(
+                "the log must be copied after a failed sync, but another connection "
+                "holds it open; close it and start again"
+            )
+        # SQLite synced the database file before it emptied the WAL. Lost in a
+        # crash, the unlink only makes the next start copy an empty WAL again.
+        os.unlink(marker)
 
     def _turn_end_checkpointer(self) -> TurnEndCheckpointer | None:
         try:
