@@ -254,11 +254,10 @@ def test_a_failed_wal_sync_stops_the_broker_and_sends_nothing(tmp_path, ctx, mon
     monkeypatch.undo()
     again = make_broker(tmp_path, ctx, synchronous="full")
     try:
-        # Then before serving it copied the whole log into the database file and
-        # synced it (the WAL is empty), since the failed pages may never reach the
-        # disk otherwise; the unacknowledged submit is there, now on disk
+        # Then it serves, with the marker gone and the unacknowledged submit queued
+        # (closing the first broker let SQLite checkpoint here already; the copy
+        # of a WAL a crash left is checked in tests/unit/test_store.py)
         assert not marker.exists()
-        assert os.path.getsize(tmp_path / "tasks.db-wal") == 0
         assert again.counts[p.QUEUED] == 1
     finally:
         again.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -600,3 +601,46 @@ def test_a_lock_taken_on_a_file_deleted_meanwhile_counts_for_nothing(tmp_path, m
     with pytest.raises(LogInUse):
         LogLock(path, wait_s=0)
     s.close()
+
+
+def test_after_a_failed_sync_the_next_start_copies_the_log_into_the_database_file(tmp_path):
+    # Given a log as a broker killed after a failed sync leaves it: a commit still
+    # only in the WAL (copied while the store is open, as a crash would leave it),
+    # and the marker of the failed sync beside it
+    s = Store(tmp_path / "t.db")
+    add_task(s)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-wal"):
+        shutil.copyfile(f"{s.path}{suffix}", crashed / f"t.db{suffix}")
+    s.close()
+    assert os.path.getsize(crashed / "t.db-wal") > 0
+    (crashed / "t.db.sync-failed").write_text("1.0 [Errno 5] Input/output error\n")
+    # When a store opens it
+    again = Store(crashed / "t.db")
+    # Then before anything else it copied the WAL into the database file and
+    # emptied it: the database file alone has the task
+    assert os.path.getsize(crashed / "t.db-wal") == 0
+    assert not (crashed / "t.db.sync-failed").exists()
+    alone = tmp_path / "alone.db"
+    shutil.copyfile(crashed / "t.db", alone)
+    again.close()
+    conn = sqlite3.connect(alone)
+    assert conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1
+    conn.close()
+
+
+def test_a_failed_sync_does_not_write_its_marker_through_a_planted_link(tmp_path):
+    # Given a symbolic link where a failed sync's marker goes, to a file of value
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    s = Store(tmp_path / "t.db")
+    os.symlink(victim, tmp_path / "t.db.sync-failed")
+    assert s.syncer is not None
+    # When a sync fails
+    s.syncer._leave_marker(OSError(5, "Input/output error"))
+    # Then the file is untouched, and the link still counts at the next start
+    assert victim.read_text() == "keep me\n"
+    s.close()
+    Store(tmp_path / "t.db").close()
+    assert victim.read_text() == "keep me\n"

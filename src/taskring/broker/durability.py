@@ -34,9 +34,11 @@ itself (it does so in NORMAL mode too).
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import time
+
+log = logging.getLogger(__name__)
 
 
 class WalSyncer:
@@ -65,9 +67,13 @@ class WalSyncer:
         """At start: a broker killed before its last sync left commits that SQLite
         now reads back from the page cache. Make them durable before anything is
         answered from them (this process starts counting generations at 0)."""
-        _datasync(self._fd)
-        os.fsync(self._db_fd)
-        _fsync_folder(self._folder)  # the WAL may be new since the last sync
+        try:
+            _datasync(self._fd)
+            os.fsync(self._db_fd)
+            _fsync_folder(self._folder)  # the WAL may be new since the last sync
+        except OSError as e:
+            self._leave_marker(e)
+            raise
 
     def sync(self, generation: int) -> None:
         """Make every commit up to `generation` durable; OSError if the disk refuses."""
@@ -84,12 +90,22 @@ class WalSyncer:
 
     def _leave_marker(self, error: OSError) -> None:
         """For the next start: this log's page cache may hold commits the disk never got."""
-        with contextlib.suppress(OSError):
-            fd = os.open(failed_sync_marker(self._db_path), os.O_CREAT | os.O_WRONLY, 0o600)
+        marker = failed_sync_marker(self._db_path)
+        try:
+            # O_NOFOLLOW: through a planted link this would overwrite, say, the log.
+            fd = os.open(marker, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             try:
                 os.write(fd, f"{time.time():.3f} {error}\n".encode())
             finally:
                 os.close(fd)
+        except OSError as e:
+            log.error(
+                "a sync of task log %s failed, and %s could not be written (%s): before "
+                "serving it again, run PRAGMA wal_checkpoint(TRUNCATE) on it",
+                self._db_path,
+                marker,
+                e,
+            )
 
     def close(self) -> None:
         """Only once SQLite's connection to the database is closed (module docstring)."""

@@ -257,7 +257,7 @@ class Store:
         stops the start, and the marker stays.
         """
         marker = failed_sync_marker(self.path)
-        if not os.path.exists(marker):
+        if not os.path.lexists(marker):
             return
         log.warning("the last sync of task log %s failed: copying it before serving", self.path)
         busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -267,8 +267,14 @@ class Store:
                 "holds it open; close it and start again"
             )
         # SQLite synced the database file before it emptied the WAL. Lost in a
-        # crash, the unlink only makes the next start copy an empty WAL again.
-        os.unlink(marker)
+        # crash, or refused, the unlink only makes the next start copy an empty
+        # WAL again.
+        try:
+            os.unlink(marker)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("could not remove %s: %s", marker, e)
 
     def _turn_end_checkpointer(self) -> TurnEndCheckpointer | None:
         try:
