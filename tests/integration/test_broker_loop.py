@@ -98,6 +98,12 @@ def make_broker(tmp_path: Path, ctx: zmq.Context[Any], **settings: Any) -> Broke
     return Broker(BrokerSettings(**(defaults | settings)), context=ctx)
 
 
+@pytest.fixture
+def short_lock_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker gives up on a log another one holds within 0.2 s, not 2 s."""
+    monkeypatch.setattr(ownership, "WAIT_S", 0.2)
+
+
 @pytest.fixture(params=["normal", "full"])
 def synchronous(request: pytest.FixtureRequest) -> str:
     """Every rule holds in both modes; "full" also sends only what the WAL sync made durable."""
@@ -1232,11 +1238,11 @@ def test_a_broker_that_cannot_bind_leaves_no_checkpoint_thread_or_log_open(
         first.close()
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 def test_a_second_broker_on_the_same_log_is_refused_and_changes_nothing(
-    tmp_path: Path, ctx: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ctx: zmq.Context[Any]
 ) -> None:
     # Given a broker serving a log, with one task queued
-    monkeypatch.setattr(ownership, "WAIT_S", 0.2)
     first = make_broker(tmp_path, ctx)
     try:
         c = client(ctx, first)
@@ -1262,11 +1268,11 @@ def test_a_second_broker_on_the_same_log_is_refused_and_changes_nothing(
         again.close()
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 def test_a_broker_that_fails_after_opening_its_log_lets_go_of_it(
     tmp_path: Path, ctx: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a log whose names cannot be read back at start (a bug, say)
-    monkeypatch.setattr(ownership, "WAIT_S", 0.2)
 
     def broken(self: Any) -> dict[str, int]:
         raise RuntimeError("cannot read names")
@@ -1311,11 +1317,11 @@ def test_a_task_id_given_out_again_is_not_leased_as_the_attempt_a_worker_still_h
     ]
 
 
+@pytest.mark.usefixtures("short_lock_wait")
 def test_the_broker_takes_its_log_s_lock_file_again_within_a_second(
-    tmp_path: Path, ctx: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ctx: zmq.Context[Any]
 ) -> None:
     # Given a serving broker whose log's lock file is deleted
-    monkeypatch.setattr(ownership, "WAIT_S", 0.2)
     b = make_broker(tmp_path, ctx)
     try:
         b.poll_once(now=0.0, timeout_s=0)

@@ -644,3 +644,24 @@ def test_a_failed_sync_does_not_write_its_marker_through_a_planted_link(tmp_path
     s.close()
     Store(tmp_path / "t.db").close()
     assert victim.read_text() == "keep me\n"
+
+
+def test_the_wal_is_looked_at_only_after_a_turn_that_wrote(tmp_path, monkeypatch):
+    # Given a full log, its checkpointer counting how often the loop asks it
+    s = Store(tmp_path / "t.db", synchronous="full")
+    asked: list[int] = []
+    assert s.checkpointer is not None
+    monkeypatch.setattr(s.checkpointer, "finish_checkpoint", lambda conn: asked.append(1))
+    # When a turn writes, then the loop finishes two turns that wrote nothing
+    add_task(s)
+    s.finish_checkpoint()
+    with s.turn():
+        pass
+    s.finish_checkpoint()
+    s.finish_checkpoint()
+    # Then only the turn that wrote made it look at the WAL
+    assert asked == [1]
+    add_task(s)
+    s.finish_checkpoint()
+    assert asked == [1, 1]
+    s.close()

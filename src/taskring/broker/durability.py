@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+
+from taskring.clock import wall_clock
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class WalSyncer:
             # O_NOFOLLOW: through a planted link this would overwrite, say, the log.
             fd = os.open(marker, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             try:
-                os.write(fd, f"{time.time():.3f} {error}\n".encode())
+                os.write(fd, f"{wall_clock():.3f} {error}\n".encode())
             finally:
                 os.close(fd)
         except OSError as e:

@@ -52,15 +52,22 @@ class LogLock:
         while True:
             fd = self._open()
             try:
-                _acquire(fd, self._db_path, max(0.0, deadline - time.monotonic()))
-                if _same_file(os.fstat(fd), self._at_path()):
+                locked = _try_lock(fd)
+                # A file deleted or replaced after we opened it (its holder took a new
+                # one, see keep()) is no lock at all: try the file there now.
+                if locked and _same_file(os.fstat(fd), self._at_path()):
                     break
+                if not locked and time.monotonic() >= deadline:
+                    raise LogInUse(
+                        f"task log {self._db_path!r} is in use by another broker"
+                        f"{_holder(fd)}; stop that one first, or give this one another --db"
+                    )
             except BaseException:
                 os.close(fd)
                 raise
-            # Locked a file deleted or replaced meanwhile (its holder took a new one,
-            # see keep()): that lock keeps nobody out. Try the file there now.
             os.close(fd)
+            if not locked:
+                time.sleep(_RETRY_S)
         # Who holds it, for the message a second broker gives; the lock works without.
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
@@ -118,19 +125,12 @@ def _same_file(a: os.stat_result, b: os.stat_result | None) -> bool:
     return b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _acquire(fd: int, db_path: str, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise LogInUse(
-                    f"task log {db_path!r} is in use by another broker{_holder(fd)}; "
-                    "stop that one first, or give this one another --db"
-                ) from None
-            time.sleep(_RETRY_S)
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _holder(fd: int) -> str:

@@ -222,6 +222,7 @@ class Store:
         self.checkpointer: WalCheckpointer | TurnEndCheckpointer | None = None
         # Commits are numbered, so that a sync can tell whether one is needed.
         self.generation = 0
+        self._checked = 0  # the generation finish_checkpoint() last looked after
         try:
             self._open(synchronous)
         except BaseException:
@@ -306,8 +307,10 @@ class Store:
 
     def finish_checkpoint(self) -> None:
         """Between turns, after their messages left: copy the WAL into the database
-        once it is long, so that the WAL starts over."""
-        if self.checkpointer is not None:
+        once it is long, so that the WAL starts over. Only after a turn that wrote:
+        the others (most heartbeats) leave the WAL as it was."""
+        if self.checkpointer is not None and self._checked != self.generation:
+            self._checked = self.generation
             self.checkpointer.finish_checkpoint(self.conn)
 
     def close(self) -> None:
