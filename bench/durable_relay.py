@@ -5,13 +5,14 @@
 
 The relay is a ROUTER in one thread that does what taskring's broker must do
 for one task at a time, and nothing else: when a request comes in it writes a
-row to SQLite (WAL, synchronous=NORMAL, one transaction) and, with `full`,
-fdatasyncs the WAL, then passes the request to the worker; when the worker's
-answer comes back it writes and syncs again, then answers the client. The
-worker is a DEALER that sends every request straight back. No codec, no
-resends, no leases, no ring, no threads: any design that makes a task durable
-before it runs and its result durable before the client hears of it, with
-one process between client and worker, pays at least this per round trip.
+row to SQLite (WAL, synchronous=NORMAL, one transaction), passes the request
+to the worker and, with `full`, then fdatasyncs the WAL, as taskring's broker
+sends a TASK between its commit and its sync; when the worker's answer comes
+back it writes and syncs again, then answers the client. The worker is a
+DEALER that sends every request straight back. No codec, no resends, no
+leases, no ring, no threads: any design that commits a task before it runs
+and makes its result durable before the client hears of it, with one
+process between client and worker, pays at least this per round trip.
 Runs until SIGTERM.
 """
 
@@ -39,9 +40,11 @@ def relay(endpoint: str, db: str, synchronous: str) -> None:
         conn.execute("BEGIN")
         row = conn.execute(sql, params).lastrowid or 0
         conn.execute("COMMIT")
+        return row
+
+    def sync() -> None:
         if wal >= 0:
             os.fdatasync(wal)
-        return row
 
     sock = zmq.Context().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -55,6 +58,7 @@ def relay(endpoint: str, db: str, synchronous: str) -> None:
                 continue
             client, task_id, body = frames[1:]
             commit("UPDATE tasks SET body = ?, done = 1 WHERE id = ?", (body, int(task_id)))
+            sync()
             sock.send_multipart([client, body])
         elif frames[1] == PING:
             if ready:
@@ -62,6 +66,7 @@ def relay(endpoint: str, db: str, synchronous: str) -> None:
         else:
             task_id = commit("INSERT INTO tasks (body, done) VALUES (?, 0)", (frames[1],))
             sock.send_multipart([WORKER, frames[0], str(task_id).encode(), frames[1]])
+            sync()
 
 
 def worker(endpoint: str) -> None:

@@ -6,10 +6,11 @@ worker's lease, run and RESULT committed, then the NOTIFY. References in
 the same invocation: a raw pyzmq request-reply round trip to a ROUTER echo
 process (the floor of any ZeroMQ round trip), a durable relay (durable_relay.py:
 four hops through one process that commits to SQLite twice, with taskring's
-durability settings: the floor of any design that makes the task and its
-result durable before answering), Huey one at a time (enqueue, poll the
-result every 0.5 ms), and Dramatiq one at a time (send, blocking get_result)
-when redis-server is on PATH.
+durability settings, and syncs the task's commit while the worker has it, as
+taskring's broker does: the floor of any design that commits the task before
+it runs and makes its result durable before answering), Huey one at a time
+(enqueue, poll the result every 0.5 ms), and Dramatiq one at a time (send,
+blocking get_result) when redis-server is on PATH.
 
     python bench/latency.py --tasks 2000 --repeat 3
 """

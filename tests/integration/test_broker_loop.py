@@ -196,25 +196,30 @@ def test_a_turn_reads_a_bounded_number_of_submits_and_leaves_the_rest_queued(bro
     assert len(db_rows(broker, "SELECT id FROM tasks")) == 10
 
 
-def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(
-    tmp_path, ctx, monkeypatch
-):
-    # Given a broker in "full" mode whose WAL syncs and sends are noted, in order
-    b = make_broker(tmp_path, ctx, synchronous="full")
+@pytest.fixture
+def steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The broker's WAL syncs and sends from now on, in order: "sync", "send TASK"..."""
     real_sync = os.fdatasync if hasattr(os, "fdatasync") else os.fsync
     real_send = p.send_frames
-    steps: list[str] = []
+    noted: list[str] = []
 
     def noted_sync(fd: int) -> None:
-        steps.append("sync")
+        noted.append("sync")
         real_sync(fd)
 
     def noted_send(socket: Any, parts: Any, flags: int = 0) -> None:
-        steps.append(f"send {parts[2].decode()}")
+        noted.append(f"send {parts[2].decode()}")
         real_send(socket, parts, flags)
 
     monkeypatch.setattr("taskring.broker.durability._datasync", noted_sync)
     monkeypatch.setattr(p, "send_frames", noted_send)
+    return noted
+
+
+def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(tmp_path, ctx, steps):
+    # Given a broker in "full" mode whose WAL syncs and sends are noted, in order
+    b = make_broker(tmp_path, ctx, synchronous="full")
+    steps.clear()  # the start's own sync
     try:
         # When a client submits, and another asks about the task (a turn that writes nothing)
         c = client(ctx, b)
@@ -228,6 +233,47 @@ def test_with_full_durability_nothing_is_answered_before_the_wal_is_synced(
         assert steps == ["sync", "send REPLY", "send REPLY"]
         assert b.store.syncer is not None
         assert b.store.syncer.synced == b.store.generation == 1
+    finally:
+        b.close()
+
+
+def test_with_full_durability_a_task_leaves_before_the_sync_and_the_reply_after(
+    tmp_path, ctx, steps
+):
+    # Given a full-durability broker with an idle worker
+    b = make_broker(tmp_path, ctx, synchronous="full")
+    try:
+        w = worker(ctx, b, 0.0)
+        c = client(ctx, b)
+        steps.clear()
+        # When a client submits a task
+        c.request(p.SUBMIT, {"tasks": [task()]})
+        assert c.expect(b, 0.0, p.REPLY)["ids"] == [1]
+        # Then the TASK left between the commit and the WAL sync, and the REPLY
+        # that acknowledges the submit only after the sync
+        assert steps == ["send TASK", "sync", "send REPLY"]
+        assert [t["id"] for t in w.expect(b, 0.0, p.TASK)["tasks"]] == [1]
+        assert db_rows(b, "SELECT state, attempt FROM tasks") == [("running", 1)]
+    finally:
+        b.close()
+
+
+def test_a_task_behind_an_ack_to_its_worker_waits_for_the_sync(tmp_path, ctx, steps):
+    # Given a full-durability broker, a worker of one slot running task 1, task 2 queued
+    b = make_broker(tmp_path, ctx, synchronous="full")
+    try:
+        w = worker(ctx, b, 0.0, capacity=1)
+        c = client(ctx, b)
+        assert submit(c, b, 0.0, [task(), task()]) == [1, 2]
+        assert [t["id"] for t in w.expect(b, 0.0, p.TASK)["tasks"]] == [1]
+        steps.clear()
+        # When the worker sends task 1's result, which frees its slot for task 2
+        seq = result(w, 1, 1)
+        assert w.expect(b, 0.0, p.ACK)["seq"] == seq
+        # Then task 2's TASK came after the ACK, both after the sync: sent first,
+        # it would reach a worker that still counts task 1 in its only slot
+        assert steps == ["sync", "send ACK", "send TASK"]
+        assert [t["id"] for t in w.expect(b, 0.0, p.TASK)["tasks"]] == [2]
     finally:
         b.close()
 
