@@ -757,6 +757,27 @@ def test_a_result_over_the_broker_s_max_result_bytes_fails_at_once(stepped: Step
     assert (items[2]["ok"], items[2]["value"]) == (True, b"v" * 10)
 
 
+def test_an_attempt_called_stale_then_leased_again_starts_with_its_lease(stepped: Stepped) -> None:
+    # Given a worker holding attempt 1 of task 1, which the broker's heartbeat calls
+    # stale (its log went back, say, and the lease is not there)
+    broker, io = stepped
+    broker.dispatch(assignment(1, "wt.add", 1, 2))
+    step_until(io, lambda: (1, 1) in io.held)
+    broker.send(protocol.HEARTBEAT, {"stale": [[1, 1]]})
+    step_until(io, lambda: io.is_stale(1, 1))
+    # And whose result the broker then refused as stale, so the worker let go of it
+    io.inbox.put(outcome(1, 1))
+    io.poll_once(timeout_s=0)
+    seq, _ = broker.result()
+    broker.ack(seq, stale=[1])
+    step_until(io, lambda: (1, 1) not in io.held)
+    # When the broker leases the task as attempt 1 again, with no heartbeat between
+    broker.dispatch(assignment(1, "wt.add", 1, 2))
+    step_until(io, lambda: (1, 1) in io.held)
+    # Then this lease, current, is not taken for the stale one
+    assert not io.is_stale(1, 1)
+
+
 def test_a_broker_heartbeat_naming_a_held_attempt_stale_reaches_its_task(
     broker: FakeBroker, start: Start
 ) -> None:

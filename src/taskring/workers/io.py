@@ -409,6 +409,11 @@ class IOLoop:
                 )
                 continue
             self.held[key] = None  # until its outcome is ACKed, whatever the outcome
+            if key in self._stale:
+                # Called stale while held before, and leased again since: the broker's
+                # log went back and gave the attempt out anew. This lease is current.
+                # A new set, as task threads read it unlocked.
+                self._stale = self._stale - {key}
             if self._drain_announced:
                 # Sent before the broker read that this worker drains: another can run it.
                 self._hand_back([a])
