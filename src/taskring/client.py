@@ -385,6 +385,34 @@ class Client:
             states.update(zip(chunk, answered, strict=True))
         return states
 
+    def prune(self, before: float, states: Iterable[str] | None = None) -> int:
+        """Delete the tasks that reached a final state before `before` (Unix seconds,
+        at least an hour ago), with their history; returns how many.
+
+        `states`: only these final states (default: all four). The broker looks
+        at a bounded number of tasks per request, so this asks until it has gone
+        through the whole log. With CURVE, only the tasks this key submitted.
+        Afterwards their ids are unknown, and an idempotency key of theirs may
+        be used again.
+        """
+        body: dict[str, Any] = {"before": float(before)}
+        if states is not None:
+            body["states"] = sorted(set(states))
+        deleted, after_id = 0, 0
+        while True:
+            reply = self._request(protocol.PRUNE, {**body, "after_id": after_id})
+            count, go_on = reply.get("deleted"), reply.get("next")
+            if (
+                not isinstance(count, int)
+                or isinstance(count, bool)
+                or not (go_on is None or (is_int(go_on) and go_on > after_id))
+            ):
+                raise malformed("PRUNE reply has no count or a next id that does not go on")
+            deleted += count
+            if go_on is None:
+                return deleted
+            after_id = go_on
+
     def history(self, task_id: int) -> tuple[TaskInfo | None, list[dict[str, Any]]]:
         """The task's current view (None if unknown) and its event log, oldest first.
 

@@ -22,6 +22,7 @@ decoder only sees well-typed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -38,6 +39,7 @@ STATUS = b"STATUS"
 TASKS = b"TASKS"
 HISTORY = b"HISTORY"
 CANCEL = b"CANCEL"
+PRUNE = b"PRUNE"
 # Broker -> client
 REPLY = b"REPLY"
 NOTIFY = b"NOTIFY"
@@ -55,7 +57,7 @@ DISCONNECT = b"DISCONNECT"
 # Broker -> client or worker
 ERROR = b"ERROR"
 
-CLIENT_TO_BROKER = frozenset({SUBMIT, GET, STATUS, TASKS, HISTORY, CANCEL})
+CLIENT_TO_BROKER = frozenset({SUBMIT, GET, STATUS, TASKS, HISTORY, CANCEL, PRUNE})
 BROKER_TO_CLIENT = frozenset({REPLY, NOTIFY, ERROR})
 WORKER_TO_BROKER = frozenset({READY, HEARTBEAT, RESULT, CHECKPOINT, DISCONNECT})
 BROKER_TO_WORKER = frozenset({WELCOME, TASK, ACK, HEARTBEAT, DISCONNECT, ERROR})
@@ -478,6 +480,20 @@ class Cancel:
     ids: tuple[int, ...]
 
 
+# PRUNE keeps what ended within the last hour: a client may still be resending
+# the SUBMIT of such a task, and its record is what keeps the resend from
+# making the task again.
+PRUNE_MIN_AGE_S = 3600.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prune:
+    seq: int
+    before: float  # wall clock, Unix seconds: tasks that ended before this go
+    states: frozenset[str]  # final states only
+    after_id: int  # the scan goes on after this task id: the `next` of the last REPLY
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class History:
     seq: int
@@ -544,6 +560,26 @@ def decode_get(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Get:
 
 def decode_cancel(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Cancel:
     return Cancel(seq=_count(body, "seq"), ids=_ids(body, limits))
+
+
+def decode_prune(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Prune:
+    before = _field(body, "before", (float, int))
+    if isinstance(before, bool) or not math.isfinite(before):
+        raise ProtocolError(E_BAD_BODY, "field 'before' must be a finite number of seconds")
+    states = _optional(body, "states", list)
+    if states is not None and (
+        not states or not all(isinstance(s, str) and s in FINAL_STATES for s in states)
+    ):
+        raise ProtocolError(
+            E_BAD_BODY, f"states must name final states: {', '.join(sorted(FINAL_STATES))}"
+        )
+    after_id = 0 if body.get("after_id") is None else _count(body, "after_id")
+    return Prune(
+        seq=_count(body, "seq"),
+        before=float(before),
+        states=frozenset(states) if states is not None else FINAL_STATES,
+        after_id=after_id,
+    )
 
 
 def decode_status(body: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> Status:

@@ -1380,3 +1380,51 @@ def test_the_broker_takes_its_log_s_lock_file_again_within_a_second(
             make_broker(tmp_path, ctx)
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------- prune
+
+
+def finished_tasks(c: Peer, w: Peer, broker: Broker, n: int) -> list[int]:
+    """n tasks submitted, run by `w` and succeeded."""
+    ids = submit(c, broker, 0.0, [task() for _ in range(n)])
+    assert sorted(t["id"] for t in w.expect(broker, 0.0, p.TASK)["tasks"]) == ids
+    for task_id in ids:
+        result(w, task_id, 1)
+        w.expect(broker, 0.0, p.ACK)
+    return ids
+
+
+def test_prune_deletes_what_ended_over_an_hour_ago_and_nothing_live(broker, ctx, monkeypatch):
+    # Given two tasks that succeeded and one still running
+    c, w = client(ctx, broker), worker(ctx, broker, 0.0, capacity=2)
+    done = finished_tasks(c, w, broker, 2)
+    (running,) = submit(c, broker, 0.0, [task()])
+    w.expect(broker, 0.0, p.TASK)
+    # When, two hours later by the broker's clock, a client prunes what ended an hour ago
+    later = time.time() + 7200
+    monkeypatch.setattr(server, "wall_clock", lambda: later)
+    c.request(p.PRUNE, {"before": later - 3600})
+    reply = c.expect(broker, 0.0, p.REPLY)
+    # Then both finished tasks are gone, and the scan reached the end of the log
+    assert (reply["deleted"], reply["next"]) == (2, None)
+    c.request(p.GET, {"ids": [*done, running]})
+    views = c.expect(broker, 0.0, p.REPLY)["tasks"]
+    assert views[:2] == [None, None] and views[2]["state"] == "running"
+    c.request(p.STATUS, {})
+    assert c.expect(broker, 0.0, p.REPLY)["states"] == {"running": 1}
+    # And the running task still finishes, under an id never given out before
+    result(w, running, 1)
+    w.expect(broker, 0.0, p.ACK)
+    assert db_rows(broker, "SELECT id, state FROM tasks") == [(running, "succeeded")]
+    assert submit(c, broker, 0.0, [task()]) == [running + 1]
+
+
+def test_a_prune_of_what_ended_within_the_hour_is_refused_and_deletes_nothing(broker, ctx):
+    c, w = client(ctx, broker), worker(ctx, broker, 0.0, capacity=2)
+    finished_tasks(c, w, broker, 2)
+    seq = c.request(p.PRUNE, {"before": time.time() - 600})
+    error = c.expect(broker, 0.0, p.ERROR)
+    assert (error["seq"], error["code"]) == (seq, p.E_BAD_BODY)
+    assert "at least 3600 s ago" in error["message"]
+    assert db_rows(broker, "SELECT count(*) FROM tasks WHERE state = 'succeeded'") == [(2,)]

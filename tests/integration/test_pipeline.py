@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import collections
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
 from cluster import Cluster, wait_for
+from taskring.errors import TaskNotFound
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -278,3 +280,37 @@ def test_a_broker_does_not_bind_an_ipc_path_that_is_a_file(cluster: Cluster) -> 
         f"error: ipc://{precious}: {precious} exists and is not a socket"
     ]
     assert precious.read_bytes() == b"keep me"
+
+
+def test_prune_deletes_the_tasks_that_ended_long_ago_and_nothing_else(cluster: Cluster) -> None:
+    # Given twenty tasks that succeeded and one that waits, queued, for a worker
+    cluster.start_broker()
+    cluster.start_worker("w1")
+    cluster.wait_workers("w1")
+    with cluster.client() as client:
+        ids = client.submit_many("tt_tasks.add", [(i, i) for i in range(20)])
+        client.wait(ids, timeout=30)
+        waiting = client.submit("nobody.runs", 1).id
+    # When `taskring prune --older-than 1h` runs, Then nothing has ended that long ago
+    prune = ("prune", "--older-than", "1h", "-e", cluster.endpoint)
+    now = cluster.run(*prune)
+    assert (now.returncode, now.stdout.split()[:2]) == (0, ["pruned", "0"]), now.stderr
+    # Given the same log two hours on: stopped, its finished tasks' last change moved
+    # back (the broker is the log's one writer while it runs), and served again
+    assert cluster.broker is not None
+    cluster.stop(cluster.broker)
+    with sqlite3.connect(cluster.db) as conn:
+        conn.execute("UPDATE tasks SET updated_at = updated_at - 7200 WHERE state = 'succeeded'")
+    conn.close()
+    cluster.start_broker()
+    # When pruned again, Then the twenty are gone with their history, and the waiting one stays
+    later = cluster.run(*prune)
+    assert (later.returncode, later.stdout.split()[:2]) == (0, ["pruned", "20"]), later.stderr
+    with cluster.client() as client:
+        with pytest.raises(TaskNotFound):
+            client.status(ids[0])
+        assert client.history(ids[-1]) == (None, [])
+        assert client.status(waiting).state == "queued"
+        assert client.broker_status()["states"] == {"queued": 1}
+        # And a new task gets an id never given out before
+        assert client.submit("nobody.runs", 2).id == waiting + 1

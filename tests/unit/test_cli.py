@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,18 @@ from taskring.cli import app
 from taskring.cli.common import ExitCode
 
 runner = CliRunner()
-COMMANDS = ["broker", "worker", "submit", "result", "cancel", "status", "tasks", "history", "demo"]
+COMMANDS = [
+    "broker",
+    "worker",
+    "submit",
+    "result",
+    "cancel",
+    "prune",
+    "status",
+    "tasks",
+    "history",
+    "demo",
+]
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 Handler = Callable[[bytes, dict[str, Any]], tuple[bytes, dict[str, Any]]]
@@ -381,3 +393,61 @@ def test_tasks_and_history_render(serve):
     shown = runner.invoke(app, ["history", "1", "-e", broker.endpoint])
     assert shown.exit_code == 0, shown.output
     assert "submitted" in shown.stdout
+
+
+# ---------------------------------------------------------------- prune
+
+
+def test_prune_asks_until_the_broker_has_gone_through_the_log(serve):
+    # Given a broker that deletes 3 tasks in its first window and 1 in its last
+    pages = {0: {"deleted": 3, "next": 2000}, 2000: {"deleted": 1, "next": None}}
+    broker = serve(lambda command, body: (protocol.REPLY, pages[body["after_id"]]))
+    # When finished tasks older than 30 days are pruned
+    began = time.time()
+    result = runner.invoke(app, ["prune", "--older-than", "30d", "-e", broker.endpoint])
+    # Then both windows were asked for, with the cutoff 30 days back and every final state
+    assert result.exit_code == 0, result.output
+    assert [(c, b["after_id"]) for c, b in broker.received] == [
+        (protocol.PRUNE, 0),
+        (protocol.PRUNE, 2000),
+    ]
+    body = broker.received[0][1]
+    assert "states" not in body
+    assert began - 30 * 86400 - 1 < body["before"] < time.time() - 30 * 86400 + 1
+    # And one line says how many went
+    assert one_line(result.stdout).startswith("pruned 4 finished tasks that ended before ")
+
+
+def test_prune_of_some_states_names_them(serve):
+    broker = serve(lambda command, body: (protocol.REPLY, {"deleted": 2, "next": None}))
+    states = ["--state", "succeeded", "--state", "dead"]
+    result = runner.invoke(app, ["prune", "--older-than", "12h", *states, "-e", broker.endpoint])
+    assert result.exit_code == 0, result.output
+    assert broker.received[0][1]["states"] == ["dead", "succeeded"]
+    assert one_line(result.stdout).startswith("pruned 2 dead, succeeded tasks")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--older-than", "10m"], "at least 1h"),
+        (["--older-than", "30 days"], "not a duration"),
+        (["--older-than", "-3d"], "not a duration"),
+        (["--older-than", "2d", "--state", "running"], "running"),
+    ],
+)
+def test_a_bad_prune_is_refused_before_anything_is_sent(serve, args, says):
+    broker = serve(lambda command, body: (protocol.REPLY, {"deleted": 0, "next": None}))
+    result = runner.invoke(app, ["prune", *args, "-e", broker.endpoint])
+    assert result.exit_code == ExitCode.USAGE
+    assert says in result.stderr + result.output
+    assert broker.received == []
+
+
+def test_a_prune_reply_that_does_not_go_on_is_an_error_not_a_loop(serve):
+    # Given a broker whose `next` never moves past where it was asked to start
+    broker = serve(lambda command, body: (protocol.REPLY, {"deleted": 0, "next": body["after_id"]}))
+    result = runner.invoke(app, ["prune", "--older-than", "2d", "-e", broker.endpoint])
+    assert result.exit_code == ExitCode.USAGE
+    assert "malformed answer" in one_line(result.stderr)
+    assert len(broker.received) == 1

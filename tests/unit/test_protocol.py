@@ -105,6 +105,11 @@ GOOD: dict[str, tuple[Decoder, bytes, Callable[[], dict[str, Any]]]] = {
     ),
     "history": (p.decode_history, p.PROTOCOL_CLIENT, lambda: {"seq": 5, "id": 42}),
     "cancel": (p.decode_cancel, p.PROTOCOL_CLIENT, lambda: {"seq": 6, "ids": [42, 43]}),
+    "prune": (
+        p.decode_prune,
+        p.PROTOCOL_CLIENT,
+        lambda: {"seq": 7, "before": 1.7e9, "states": ["succeeded"], "after_id": 2000},
+    ),
     "ready": (p.decode_ready, p.PROTOCOL_WORKER, ready_body),
     "heartbeat": (
         p.decode_worker_heartbeat,
@@ -129,6 +134,7 @@ COMMAND_OF = {
     "tasks": p.TASKS,
     "history": p.HISTORY,
     "cancel": p.CANCEL,
+    "prune": p.PRUNE,
     "ready": p.READY,
     "heartbeat": p.HEARTBEAT,
     "result": p.RESULT,
@@ -207,6 +213,25 @@ def test_get_status_history_round_trip() -> None:
     assert history == p.History(seq=5, id=42, after=0)
     paged = {"seq": 6, "id": 42, "after": 17}
     assert p.decode_history(paged) == p.History(seq=6, id=42, after=17)
+
+
+def test_prune_round_trip_defaults_and_refusals() -> None:
+    # Given a PRUNE with every field, and one with only the required ones
+    full = p.decode_prune(received(p.PROTOCOL_CLIENT, p.PRUNE, GOOD["prune"][2]()).body)
+    bare = p.decode_prune({"seq": 8, "before": 1_700_000_000})
+    # Then the fields come through, and the defaults are every final state from the start
+    assert full == p.Prune(seq=7, before=1.7e9, states=frozenset({"succeeded"}), after_id=2000)
+    assert bare == p.Prune(seq=8, before=1.7e9, states=p.FINAL_STATES, after_id=0)
+    assert isinstance(bare.before, float)
+    # And a live or unknown state, no state, a non-number or endless time are refused
+    for states in (["running"], ["queued", "failed"], [], ["nope"], [["succeeded"]]):
+        with rejected(p.E_BAD_BODY, "final states"):
+            p.decode_prune({"seq": 1, "before": 1.0, "states": states})
+    for before in (float("inf"), float("nan"), True, "1700000000"):
+        with rejected(p.E_BAD_BODY, "before"):
+            p.decode_prune({"seq": 1, "before": before})
+    with rejected(p.E_BAD_BODY, "after_id"):
+        p.decode_prune({"seq": 1, "before": 1.0, "after_id": -1})
 
 
 def test_tasks_round_trip_and_defaults() -> None:

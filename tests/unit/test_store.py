@@ -17,6 +17,7 @@ from taskring.broker.jobs import Job
 from taskring.broker.ownership import LogInUse, LogLock
 from taskring.broker.store import Store
 from taskring.broker.walindex import WalIndex
+from taskring.protocol import FINAL_STATES
 
 
 @pytest.fixture
@@ -43,7 +44,11 @@ def test_new_log_is_wal_owner_only_and_migrated_once(tmp_path):
     assert again.syncer is not None
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     applied = again.conn.execute("SELECT name FROM _sqlite_migrations").fetchall()
-    assert [name for (name,) in applied] == ["m001_tasks_and_events", "m002_spared_attempts"]
+    assert [name for (name,) in applied] == [
+        "m001_tasks_and_events",
+        "m002_spared_attempts",
+        "m003_highest_task_id",
+    ]
     again.close()
 
 
@@ -446,6 +451,93 @@ def test_request_dedup_lookup_and_idempotency_keys(store):
     assert store.find_request("c-1", 9) == [task_id]
     assert store.find_request("c-1", 10) is None
     assert store.find_idempotency_keys(["order-7", "order-8"]) == {"order-7": task_id}
+
+
+def task_in(store: Store, state: str, at: float, client: str = "c-1") -> int:
+    """A task submitted at 1.0 by `client` (a SUBMIT of its own), in `state` since `at`."""
+    task_id = store.allocate_id()
+    with store.turn():
+        row = (task_id, "t.add", b"", None, 3, client, task_id, 0, f"idem-{task_id}")
+        store.insert_tasks([row], 1.0)
+        store.remember_request(client, task_id, [task_id], 1.0)
+        if state != "queued":
+            store.lease([(task_id, 1, "w1")], at)
+        if state == "cancelled":
+            store.cancel([(task_id, 1, "w1")], "cancelled by a client", at)
+        elif state not in ("queued", "running"):
+            store.finish(task_id, 1, "w1", state, None, None, at)
+    return task_id
+
+
+def test_prune_deletes_only_final_tasks_ended_before_the_cutoff_with_their_records(store):
+    # Given a task in every state that ended (or last changed) at 10, and one that ended at 100
+    old = {state: task_in(store, state, 10.0) for state in ("succeeded", "failed", "dead")}
+    old["cancelled"] = task_in(store, "cancelled", 10.0)
+    live = [task_in(store, "queued", 10.0), task_in(store, "running", 10.0)]
+    recent = task_in(store, "succeeded", 100.0)
+    # When the tasks that ended before 50 are pruned
+    with store.turn():
+        deleted, go_on = store.prune(50.0, FINAL_STATES, 0, 100)
+    # Then exactly the four old final ones are gone, and the scan reached the end
+    assert deleted == {"succeeded": 1, "failed": 1, "dead": 1, "cancelled": 1}
+    assert go_on is None
+    kept = sorted(store.views([*old.values(), *live, recent]))
+    assert kept == sorted([*live, recent])
+    # With their events, the records of their SUBMITs, and their idempotency keys
+    for task_id in old.values():
+        assert store.history(task_id) == []
+        assert store.find_request("c-1", task_id) is None
+    assert store.find_idempotency_keys([f"idem-{i}" for i in old.values()]) == {}
+    for task_id in [*live, recent]:
+        assert store.history(task_id) != []
+        assert store.find_request("c-1", task_id) == [task_id]
+
+
+def test_prune_goes_through_the_log_a_window_at_a_time(store):
+    # Given five tasks that ended long ago, between two that still run
+    running = task_in(store, "running", 1.0)
+    ended = [task_in(store, "succeeded", 1.0) for _ in range(5)]
+    last = task_in(store, "running", 1.0)
+    # When pruned two tasks looked at per call, going on where each call stopped
+    calls, after = [], 0
+    while after is not None:
+        with store.turn():
+            deleted, go_on = store.prune(50.0, FINAL_STATES, after, 2)
+        calls.append((deleted.total(), go_on))
+        after = go_on
+    # Then each call looked at the next two ids, and the last one, short, found the end
+    assert calls == [(1, ended[0]), (2, ended[2]), (2, ended[4]), (0, None)]
+    assert sorted(store.views([running, *ended, last])) == [running, last]
+
+
+def test_prune_takes_only_the_states_asked_and_with_a_prefix_only_that_submitters(store):
+    mine = [task_in(store, "succeeded", 1.0, "KEY/c-1"), task_in(store, "failed", 1.0, "KEY/c-1")]
+    theirs = task_in(store, "succeeded", 1.0, "OTHER/c-2")
+    with store.turn():
+        deleted, _ = store.prune(50.0, {"succeeded"}, 0, 100, client_prefix="KEY/")
+    assert deleted == {"succeeded": 1}
+    assert sorted(store.views([*mine, theirs])) == [mine[1], theirs]
+
+
+def test_prune_refuses_a_live_state(store):
+    task_id = task_in(store, "running", 1.0)
+    with pytest.raises(ValueError, match="only final states"), store.turn():
+        store.prune(50.0, {"succeeded", "running"}, 0, 100)
+    assert store.views([task_id])[task_id]["state"] == "running"
+
+
+def test_ids_are_not_given_out_again_after_the_newest_tasks_are_pruned(tmp_path):
+    # Given a log whose every task, the newest included, was pruned
+    s = Store(tmp_path / "t.db")
+    ids = [task_in(s, "succeeded", 1.0) for _ in range(3)]
+    with s.turn():
+        assert s.prune(50.0, FINAL_STATES, 0, 100)[0].total() == 3
+    s.close()
+    # When a broker opens it again, Then the next id follows the last one ever given
+    s = Store(tmp_path / "t.db")
+    assert s.views(ids) == {}
+    assert s.allocate_id() == ids[-1] + 1
+    s.close()
 
 
 def test_the_wal_index_counts_frames_as_sqlite_does(tmp_path):

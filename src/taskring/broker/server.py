@@ -55,6 +55,9 @@ CANCEL_REASON = "cancelled by a client"
 # Messages a waiting caller's round trip goes through: work for a worker, and
 # the news that a task finished.
 _ON_A_WAITING_PATH = frozenset((p.TASK, p.NOTIFY))
+# Tasks a PRUNE looks at: deleting a task and its events writes several pages,
+# and a turn of thousands would hold every other peer's messages for long.
+PRUNE_SCAN_ROWS = 1_000
 # How often the broker makes sure its log's lock file is still there (a stat).
 OWNERSHIP_CHECK_S = 1.0
 
@@ -106,6 +109,7 @@ class Broker:
                 (p.PROTOCOL_CLIENT, p.TASKS): self._on_tasks,
                 (p.PROTOCOL_CLIENT, p.HISTORY): self._on_history,
                 (p.PROTOCOL_CLIENT, p.CANCEL): self._on_cancel,
+                (p.PROTOCOL_CLIENT, p.PRUNE): self._on_prune,
                 (p.PROTOCOL_WORKER, p.READY): self._on_ready,
                 (p.PROTOCOL_WORKER, p.HEARTBEAT): self._on_heartbeat,
                 (p.PROTOCOL_WORKER, p.RESULT): self._on_result,
@@ -642,6 +646,30 @@ class Broker:
             for i in request.ids
         ]
         self._reply(envelope.identity, {"seq": request.seq, "states": states})
+
+    def _on_prune(self, envelope: p.Envelope, now: float, wall: float) -> None:
+        """Delete final tasks that ended before `before`, PRUNE_SCAN_ROWS tasks a request.
+
+        Only final tasks: no lease, watch or queue entry names them. With CURVE,
+        only the tasks the caller's key submitted.
+        """
+        request = p.decode_prune(envelope.body, self.limits)
+        if request.before > wall - p.PRUNE_MIN_AGE_S:
+            raise p.ProtocolError(
+                p.E_BAD_BODY,
+                f"'before' must be at least {p.PRUNE_MIN_AGE_S:.0f} s ago: tasks that ended "
+                "within the last hour are kept, as a client may still resend their SUBMIT",
+            )
+        mine = f"{self._peer_key}/" if self._peer_key is not None else None
+        deleted, go_on = self.store.prune(
+            request.before, request.states, request.after_id, PRUNE_SCAN_ROWS, mine
+        )
+        for state, n in deleted.items():
+            self.counts[state] -= n
+        if deleted:
+            log.info("pruned %s", ", ".join(f"{n} {state}" for state, n in sorted(deleted.items())))
+        body = {"seq": request.seq, "deleted": deleted.total(), "next": go_on}
+        self._reply(envelope.identity, body)
 
     # ------------------------------------------------------------ workers
 

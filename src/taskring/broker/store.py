@@ -23,8 +23,8 @@ import json
 import logging
 import os
 import sqlite3
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -46,6 +46,9 @@ from taskring.protocol import CANCELLED, FINAL_STATES, QUEUED, RUNNING
 Row = Any
 
 log = logging.getLogger(__name__)
+
+# The highest task id ever given out, kept once pruning deletes tasks (m003).
+HIGHEST_TASK_ID = "highest_task_id"
 
 migrations = sqlite_utils.Migrations("taskring")
 
@@ -116,6 +119,13 @@ def m002_spared_attempts(db: sqlite_utils.Database) -> None:
     # waiting in a worker that died): counted in `attempt`, the fencing token, but
     # not against max_attempts.
     db.execute("ALTER TABLE tasks ADD COLUMN spared INTEGER NOT NULL DEFAULT 0")
+
+
+@migrations()
+def m003_highest_task_id(db: sqlite_utils.Database) -> None:
+    # Pruning may delete the newest tasks; ids must still never be given out twice,
+    # or a client's old id would name another task.
+    db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
 
 
 # In the order of broker.jobs.Job's fields.
@@ -194,6 +204,19 @@ _CHECKPOINT = (
     " WHERE id = ? AND attempt = ? AND checkpoint_no < ?"
 )
 
+_PRUNE_EVENTS = "DELETE FROM events WHERE task_id IN (SELECT value FROM json_each(?))"
+# The state check again: whatever a caller passed, a live task stays.
+_PRUNE_TASKS = (
+    "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?)) AND state IN ({})".format(
+        ", ".join(f"'{state}'" for state in sorted(FINAL_STATES))
+    )
+)
+_PRUNE_REQUEST = "DELETE FROM requests WHERE client = ? AND seq = ?"
+_RAISE_COUNTER = (
+    "INSERT INTO counters (name, value) VALUES (?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)"
+)
+
 
 class Store:
     """All reads and writes of the task log."""
@@ -236,7 +259,10 @@ class Store:
         self.db.execute("PRAGMA busy_timeout = 5000")
         migrations.apply(self.db)
         self._recover_from_a_failed_sync()
-        self.next_id = (self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0) + 1
+        self.next_id = 1 + max(
+            self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0,
+            self._counter(HIGHEST_TASK_ID),
+        )
         # Checkpoints run between turns; SQLite's own, inside a commit, is a fallback.
         self.conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_FRAMES}")
         self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
@@ -461,6 +487,52 @@ class Store:
         self.conn.executemany(
             _INSERT_EVENT, [(i, now, CANCELLED, a, w, reason) for i, a, w in rows]
         )
+
+    def prune(
+        self,
+        before: float,
+        states: Collection[str],
+        after_id: int,
+        scan: int,
+        client_prefix: str | None = None,
+    ) -> tuple[Counter[str], int | None]:
+        """Delete the tasks among the `scan` after `after_id` that reached one of
+        `states` (final ones only) before `before`, with their events and the records
+        of the SUBMITs that made them; with `client_prefix`, only tasks whose
+        submitter starts with it.
+
+        Returns the count deleted by state, and the id to go on after (None once
+        the scan reached the last task).
+        """
+        if not set(states) <= FINAL_STATES:
+            raise ValueError(f"only final states can be pruned, not {set(states) - FINAL_STATES}")
+        rows = self.conn.execute(
+            "SELECT id, state, updated_at, client, client_seq FROM tasks"
+            " WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, scan),
+        ).fetchall()
+        go_on = rows[-1][0] if len(rows) == scan else None
+        doomed = [
+            row
+            for row in rows
+            if row[1] in states
+            and row[2] < before
+            and (client_prefix is None or (row[3] or "").startswith(client_prefix))
+        ]
+        deleted: Counter[str] = Counter(row[1] for row in doomed)
+        if not doomed:
+            return deleted, go_on
+        self.conn.execute(_RAISE_COUNTER, (HIGHEST_TASK_ID, self.next_id - 1))
+        ids = json.dumps([row[0] for row in doomed])
+        self.conn.execute(_PRUNE_EVENTS, (ids,))
+        self.conn.execute(_PRUNE_TASKS, (ids,))
+        requests = {(row[3], row[4]) for row in doomed if row[3] is not None}
+        self.conn.executemany(_PRUNE_REQUEST, requests)
+        return deleted, go_on
+
+    def _counter(self, name: str) -> int:
+        row = self.conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def checkpoints(self, rows: Sequence[tuple[int, int, str, int, bytes]], now: float) -> None:
         """Checkpoints in bulk, in order: (task id, attempt, worker, number, state)."""

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from taskring import __version__
-from taskring.cli import check, demo, keys, serve, show, tasks
+from taskring.cli import check, demo, keys, prune, serve, show, tasks
 from taskring.cli.common import Session, fail
 from taskring.security import CurveClientConfig
 
@@ -26,6 +26,7 @@ app.command()(serve.worker)
 app.command()(tasks.submit)
 app.command()(tasks.result)
 app.command()(tasks.cancel)
+app.command()(prune.prune)
 app.command()(show.status)
 app.command("tasks")(show.tasks)
 app.command()(show.history)
