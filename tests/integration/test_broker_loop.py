@@ -243,19 +243,42 @@ def test_with_full_durability_a_task_leaves_before_the_sync_and_the_reply_after(
     # Given a full-durability broker with an idle worker
     b = make_broker(tmp_path, ctx, synchronous="full")
     try:
-        w = worker(ctx, b, 0.0)
+        w = worker(ctx, b, 0.0, capacity=2)
         c = client(ctx, b)
         steps.clear()
-        # When a client submits a task
-        c.request(p.SUBMIT, {"tasks": [task()]})
-        assert c.expect(b, 0.0, p.REPLY)["ids"] == [1]
+        # When a client submits the log's first task, which reserves a block of ids
+        assert submit(c, b, 0.0, [task()]) == [1]
+        # Then its TASK waits for the sync too: the id must not reach a worker before
+        # its reservation is on disk
+        assert steps == ["sync", "send TASK", "send REPLY"]
+        # When it submits a second one, from the block
+        steps.clear()
+        assert submit(c, b, 0.0, [task()]) == [2]
         # Then the TASK left between the commit and the WAL sync, and the REPLY
         # that acknowledges the submit only after the sync
         assert steps == ["send TASK", "sync", "send REPLY"]
         assert [t["id"] for t in w.expect(b, 0.0, p.TASK)["tasks"]] == [1]
-        assert db_rows(b, "SELECT state, attempt FROM tasks") == [("running", 1)]
+        assert [t["id"] for t in w.expect(b, 0.0, p.TASK)["tasks"]] == [2]
+        assert db_rows(b, "SELECT state, attempt FROM tasks") == [("running", 1)] * 2
     finally:
         b.close()
+
+
+def test_a_broker_that_stops_cleanly_gives_its_unused_ids_back(tmp_path, ctx):
+    # Given a broker that gave out task 1 and stops when asked
+    b = make_broker(tmp_path, ctx)
+    try:
+        assert submit(client(ctx, b), b, 0.0, [task()]) == [1]
+        b.stop()
+        b.run()
+    finally:
+        b.close()
+    # When the next broker serves the log, Then its first task is 2, not past the block
+    again = make_broker(tmp_path, ctx)
+    try:
+        assert submit(client(ctx, again, b"c-2"), again, 0.0, [task()]) == [2]
+    finally:
+        again.close()
 
 
 def test_a_task_behind_an_ack_to_its_worker_waits_for_the_sync(tmp_path, ctx, steps):
@@ -1428,3 +1451,22 @@ def test_a_prune_of_what_ended_within_the_hour_is_refused_and_deletes_nothing(br
     assert (error["seq"], error["code"]) == (seq, p.E_BAD_BODY)
     assert "at least 3600 s ago" in error["message"]
     assert db_rows(broker, "SELECT count(*) FROM tasks WHERE state = 'succeeded'") == [(2,)]
+
+
+def test_a_turn_reads_one_prune_and_leaves_the_rest_for_the_next(broker, ctx, monkeypatch):
+    # Given two GETs, two PRUNEs and a GET waiting in the broker's socket
+    later = time.time() + 7200
+    monkeypatch.setattr(server, "wall_clock", lambda: later)
+    c = client(ctx, broker)
+    for command in (p.GET, p.GET, p.PRUNE, p.PRUNE, p.GET):
+        c.request(command, {"ids": [1]} if command == p.GET else {"before": later - 3600})
+    time.sleep(0.3)  # loopback delivers them well within this
+    # When the broker runs turns until it has read all five
+    read = []
+    while sum(read) < 5:
+        read.append(broker.poll_once(now=0.0, timeout_s=0.05))
+    # Then each PRUNE ended its turn's reading (a prune can take 10 ms or more),
+    # and the other messages still came several to a turn
+    assert read == [3, 1, 1]
+    replies = [body for cmd, body in c.drain(broker, 0.0) if cmd == p.REPLY]
+    assert sorted(r["seq"] for r in replies) == [1, 2, 3, 4, 5]

@@ -15,7 +15,7 @@ import pytest
 from taskring.broker import checkpointer
 from taskring.broker.jobs import Job
 from taskring.broker.ownership import LogInUse, LogLock
-from taskring.broker.store import Store
+from taskring.broker.store import ID_BLOCK, Store
 from taskring.broker.walindex import WalIndex
 from taskring.protocol import FINAL_STATES
 
@@ -28,8 +28,8 @@ def store(tmp_path):
 
 
 def add_task(store: Store, name: str = "t.add") -> int:
-    task_id = store.allocate_id()
-    with store.turn():
+    with store.turn():  # ids are given out inside a turn, as the broker does
+        task_id = store.allocate_id()
         store.insert_tasks([(task_id, name, b"\x92\x90\x80", None, 3, "c", 1, 0, None)], 1.0)
     return task_id
 
@@ -319,12 +319,100 @@ def test_bad_synchronous_setting_is_refused(tmp_path):
         Store(tmp_path / "t.db", synchronous="off")
 
 
-def test_ids_continue_after_reopen(tmp_path):
+def test_ids_continue_after_a_clean_stop_and_skip_the_reserved_block_after_a_crash(tmp_path):
+    # Given a log whose first task took id 1, and with it a block of ids
     s = Store(tmp_path / "t.db")
     first = add_task(s)
+    assert s.conn.execute("SELECT value FROM counters").fetchall() == [(ID_BLOCK,)]
+    # When the broker stops without giving the block back, as a crash does
     s.close()
     s = Store(tmp_path / "t.db")
-    assert s.allocate_id() == first + 1
+    # Then the next one starts after the block: an id a worker may have seen is not reused
+    last = add_task(s)
+    assert (first, last) == (1, ID_BLOCK + 1)
+    # When it stops cleanly instead, giving back what it did not use
+    s.release_ids()
+    s.close()
+    # Then the next broker goes on from the last id given out
+    s = Store(tmp_path / "t.db")
+    assert s.allocate_id() == last + 1
+    s.close()
+
+
+def test_a_reserved_block_of_ids_is_flagged_until_synced_and_a_rollback_reserves_again(store):
+    def allocate(n: int) -> bool:
+        """Ids given out in a turn; whether TASKs must then wait for the sync."""
+        with store.turn():
+            for _ in range(n):
+                store.allocate_id()
+        flagged = store.ids_not_synced
+        store.sync()
+        assert not store.ids_not_synced
+        return flagged
+
+    # The first id reserves a block; the rest of the block needs no write
+    assert allocate(1) is True
+    assert allocate(ID_BLOCK - 1) is False
+    # A turn that crosses into the next block and is rolled back leaves no reservation
+    with pytest.raises(RuntimeError), store.turn():
+        store.allocate_id()
+        raise RuntimeError("crash before commit")
+    assert store.conn.execute("SELECT value FROM counters").fetchall() == [(ID_BLOCK,)]
+    # So the next turn writes it again, and says so
+    assert allocate(1) is True
+    assert store.conn.execute("SELECT value FROM counters").fetchall() == [(ID_BLOCK * 2 + 1,)]
+
+
+def test_a_block_reserved_outside_a_turn_is_flagged_until_a_sync_that_covers_it(tmp_path):
+    # Given a full store that gives out an id outside any turn (committed on its own)
+    s = Store(tmp_path / "t.db", synchronous="full")
+    assert s.syncer is not None
+    s.allocate_id()
+    # When a turn that reserves nothing commits, Then its TASKs must still wait
+    with s.turn():
+        s.allocate_id()
+    assert s.ids_not_synced
+    # And the sync that clears the flag did sync the reservation's commit
+    synced = s.syncer.synced
+    s.sync()
+    assert not s.ids_not_synced and s.syncer.synced == s.generation > synced
+    s.close()
+
+
+def test_a_log_without_a_counter_gets_one_at_its_highest_id(tmp_path):
+    # Given a log whose counter row is missing (from before m003, or left behind by
+    # a broker that counted only what it pruned), with tasks 1 to 3 that ended
+    s = Store(tmp_path / "t.db")
+    ids = [task_in(s, "succeeded", 1.0) for _ in range(3)]
+    s.conn.execute("DELETE FROM counters")
+    s.close()
+    # When a broker opens it, prunes all three, and is killed (no clean stop)
+    s = Store(tmp_path / "t.db")
+    with s.turn():
+        assert s.prune(50.0, FINAL_STATES, 0, 100)[0].total() == 3
+    s.close()
+    # Then the next broker never gives out ids 1 to 3 again
+    s = Store(tmp_path / "t.db")
+    assert s.allocate_id() > ids[-1]
+    s.close()
+
+
+def test_after_a_failed_sync_no_turn_commits_again(tmp_path, monkeypatch):
+    # Given a full store whose WAL sync failed once
+    s = Store(tmp_path / "t.db", synchronous="full")
+    first = add_task(s)
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("taskring.broker.durability._datasync", failing)
+    with pytest.raises(sqlite3.OperationalError, match="fsync of the task log failed"):
+        s.sync()
+    # When another turn begins, Then it is refused before it writes anything
+    with pytest.raises(sqlite3.OperationalError, match="fsync of the task log failed"):
+        add_task(s)
+    assert sorted(s.views(range(1, 5))) == [first]
+    monkeypatch.undo()
     s.close()
 
 
@@ -455,8 +543,8 @@ def test_request_dedup_lookup_and_idempotency_keys(store):
 
 def task_in(store: Store, state: str, at: float, client: str = "c-1") -> int:
     """A task submitted at 1.0 by `client` (a SUBMIT of its own), in `state` since `at`."""
-    task_id = store.allocate_id()
     with store.turn():
+        task_id = store.allocate_id()
         row = (task_id, "t.add", b"", None, 3, client, task_id, 0, f"idem-{task_id}")
         store.insert_tasks([row], 1.0)
         store.remember_request(client, task_id, [task_id], 1.0)
@@ -510,6 +598,30 @@ def test_prune_goes_through_the_log_a_window_at_a_time(store):
     assert sorted(store.views([running, *ended, last])) == [running, last]
 
 
+def test_a_submit_record_stays_while_a_task_it_made_is_left(store):
+    # Given one SUBMIT that made two tasks: one failed long ago, one still queued
+    first, second = store.allocate_id(), store.allocate_id()
+    with store.turn():
+        rows = [
+            (i, "t.add", b"", None, 3, "c-1", 7, n, None) for n, i in enumerate((first, second))
+        ]
+        store.insert_tasks(rows, 1.0)
+        store.remember_request("c-1", 7, [first, second], 1.0)
+        store.lease([(first, 1, "w1")], 2.0)
+        store.finish(first, 1, "w1", "failed", None, "boom", 2.0)
+    # When the failed one is pruned, Then the record stays: a resend must not make
+    # the queued task again
+    with store.turn():
+        assert store.prune(50.0, {"failed"}, 0, 100)[0] == {"failed": 1}
+    assert store.find_request("c-1", 7) == [first, second]
+    # When the other one ends and is pruned too, Then the record goes with it
+    with store.turn():
+        store.lease([(second, 1, "w1")], 3.0)
+        store.finish(second, 1, "w1", "succeeded", None, None, 3.0)
+        assert store.prune(50.0, FINAL_STATES, 0, 100)[0] == {"succeeded": 1}
+    assert store.find_request("c-1", 7) is None
+
+
 def test_prune_takes_only_the_states_asked_and_with_a_prefix_only_that_submitters(store):
     mine = [task_in(store, "succeeded", 1.0, "KEY/c-1"), task_in(store, "failed", 1.0, "KEY/c-1")]
     theirs = task_in(store, "succeeded", 1.0, "OTHER/c-2")
@@ -532,6 +644,7 @@ def test_ids_are_not_given_out_again_after_the_newest_tasks_are_pruned(tmp_path)
     ids = [task_in(s, "succeeded", 1.0) for _ in range(3)]
     with s.turn():
         assert s.prune(50.0, FINAL_STATES, 0, 100)[0].total() == 3
+    s.release_ids()  # a clean stop: the next broker goes on from the last id given
     s.close()
     # When a broker opens it again, Then the next id follows the last one ever given
     s = Store(tmp_path / "t.db")

@@ -175,6 +175,10 @@ class Broker:
     def run(self) -> None:
         while not self._stop.is_set():
             self.poll_once()
+        try:
+            self.store.release_ids()
+        except sqlite3.Error as e:
+            log.warning("unused task ids not given back (%s): the next start skips them", e)
 
     def reload_keys(self) -> None:
         """Read the allow folder again at the next turn (safe to call from a signal handler)."""
@@ -224,6 +228,8 @@ class Broker:
                     submits += 1
                     if submits >= self.settings.max_submits_per_turn:
                         break  # the rest wait in the socket for the next turn
+                elif len(frames) > 2 and frames[2] == p.PRUNE:
+                    break  # up to 1,000 tasks deleted, 10 ms or so: one a turn
         now = time.monotonic() if now is None else now
         wall = wall_clock()
         try:
@@ -261,7 +267,8 @@ class Broker:
             self._dispatch()
             self._flush_writes(wall)
         self._seal_turn()
-        self._outbox = self._send_tasks_ahead(self._outbox)
+        if not self.store.ids_not_synced:
+            self._outbox = self._send_tasks_ahead(self._outbox)
         self.store.sync()  # before anything else leaves that tells of the turn's commit
 
     def _recv(self) -> Received:
@@ -370,8 +377,11 @@ class Broker:
         worker's result meets a log without that lease: refused as stale, as
         after a power loss with --synchronous normal, and the (id, attempt) is
         not leased to that worker again while it may hold it (_dispatch). The
-        client was not answered, so it submits again and the task runs again:
-        at least once, as after any lost attempt.
+        task runs again, from the log or, if its submit was lost too, when its
+        client, never answered, submits again: at least once, as after any lost
+        attempt. Its id is never given to another task: ids are reserved durably
+        a block at a time, and a turn that reserves a block sends no TASK ahead
+        (Store.allocate_id).
 
         A TASK behind an ACK or a WELCOME to the same worker waits with them: the
         worker frees a slot when the ACK of its result arrives, and would refuse a

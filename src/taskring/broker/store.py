@@ -47,8 +47,11 @@ Row = Any
 
 log = logging.getLogger(__name__)
 
-# The highest task id ever given out, kept once pruning deletes tasks (m003).
+# Every task id up to this one may have been given out (m003).
 HIGHEST_TASK_ID = "highest_task_id"
+# Ids reserved at once, durably before any TASK can carry one. A crash skips what
+# was left of the block; a broker that stops cleanly gives the rest back.
+ID_BLOCK = 1024
 
 migrations = sqlite_utils.Migrations("taskring")
 
@@ -123,8 +126,9 @@ def m002_spared_attempts(db: sqlite_utils.Database) -> None:
 
 @migrations()
 def m003_highest_task_id(db: sqlite_utils.Database) -> None:
-    # Pruning may delete the newest tasks; ids must still never be given out twice,
-    # or a client's old id would name another task.
+    # Task ids are reserved a block at a time (Store.allocate_id), and pruning may
+    # delete the newest tasks: max(id) alone could give an id out twice, and a
+    # client's or a task's old id would name another task.
     db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
 
 
@@ -212,9 +216,19 @@ _PRUNE_TASKS = (
     )
 )
 _PRUNE_REQUEST = "DELETE FROM requests WHERE client = ? AND seq = ?"
+# The records of [client, seq] pairs given as a JSON array, and who made the tasks left.
+_REQUESTS_OF = (
+    "SELECT r.client, r.seq, r.ids FROM json_each(?) AS j JOIN requests AS r"
+    " ON r.client = json_extract(j.value, '$[0]') AND r.seq = json_extract(j.value, '$[1]')"
+)
+_SUBMITTERS_OF = "SELECT client, client_seq FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
 _RAISE_COUNTER = (
     "INSERT INTO counters (name, value) VALUES (?, ?)"
     " ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)"
+)
+_SET_COUNTER = (
+    "INSERT INTO counters (name, value) VALUES (?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
 
 
@@ -246,6 +260,8 @@ class Store:
         # Commits are numbered, so that a sync can tell whether one is needed.
         self.generation = 0
         self._checked = 0  # the generation finish_checkpoint() last looked after
+        # A block of ids was reserved since the last sync: TASKs wait for the next.
+        self.ids_not_synced = False
         try:
             self._open(synchronous)
         except BaseException:
@@ -263,6 +279,10 @@ class Store:
             self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0,
             self._counter(HIGHEST_TASK_ID),
         )
+        # A log from before m003, or one a broker of 4ec9525 pruned and then gave
+        # ids out of, has a counter below max(id), or none.
+        self.conn.execute(_RAISE_COUNTER, (HIGHEST_TASK_ID, self.next_id - 1))
+        self._reserved = self.next_id - 1  # ids up to this one are in the log's counter
         # Checkpoints run between turns; SQLite's own, inside a commit, is a fallback.
         self.conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_FRAMES}")
         self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
@@ -330,6 +350,7 @@ class Store:
                 # Nothing more may be acknowledged; the broker stops, and a restart
                 # recovers from what the log holds.
                 raise sqlite3.OperationalError(f"fsync of the task log failed: {e}") from e
+        self.ids_not_synced = False
 
     def finish_checkpoint(self) -> None:
         """Between turns, after their messages left: copy the WAL into the database
@@ -362,9 +383,18 @@ class Store:
         """One transaction: every write of one broker loop turn commits together."""
         if self.conn.in_transaction:
             raise RuntimeError("a transaction is already open: turns do not nest")
+        if self.syncer is not None and self.syncer.error is not None:
+            # One failed sync is final (WalSyncer): commit nothing more, or a turn's
+            # TASKs would leave before its sync failed in turn.
+            raise sqlite3.OperationalError(f"fsync of the task log failed: {self.syncer.error}")
         changes = self.conn.total_changes
-        with self.db.atomic():
-            yield
+        reserved = self._reserved
+        try:
+            with self.db.atomic():
+                yield
+        except BaseException:
+            self._reserved = reserved  # its counter rolled back with the rest
+            raise
         if self.conn.total_changes != changes:
             self.generation += 1
 
@@ -399,11 +429,31 @@ class Store:
         self._events([row[0] for row in rows], "submitted", 0, None, now)
 
     def allocate_id(self) -> int:
-        # The broker is the only writer, so ids are handed out from memory
-        # and the inserts of one request go in one call to insert_tasks.
+        """The next task id, from memory: the broker is the only writer.
+
+        Ids are reserved in the log ID_BLOCK at a time before one is given out.
+        A TASK may leave between a commit and its sync, and a power loss can then
+        undo the task's row; without the reservation, max(id) + 1 would give the
+        id a worker has seen to another task, and task code that keys work on
+        ctx.task_id would take one task's work for the other's.
+        """
         task_id = self.next_id
+        if task_id > self._reserved:
+            self._reserved = task_id + ID_BLOCK - 1
+            self.conn.execute(_RAISE_COUNTER, (HIGHEST_TASK_ID, self._reserved))
+            self.ids_not_synced = True
+            if not self.conn.in_transaction:
+                self.generation += 1  # committed on its own (outside a turn): sync it too
         self.next_id += 1
         return task_id
+
+    def release_ids(self) -> None:
+        """At a clean stop: give back the ids of the block not given out, so that
+        the next broker goes on from the last id (after a crash it skips them)."""
+        with self.turn():
+            self.conn.execute(_SET_COUNTER, (HIGHEST_TASK_ID, self.next_id - 1))
+        self._reserved = self.next_id - 1
+        self.sync()
 
     def lease(self, leases: Sequence[tuple[int, int, str]], now: float) -> None:
         """leases: (task id, attempt, worker), each task at most once.
@@ -522,13 +572,22 @@ class Store:
         deleted: Counter[str] = Counter(row[1] for row in doomed)
         if not doomed:
             return deleted, go_on
+        # Already at least this (allocate_id); kept so that prune alone is safe too.
         self.conn.execute(_RAISE_COUNTER, (HIGHEST_TASK_ID, self.next_id - 1))
         ids = json.dumps([row[0] for row in doomed])
         self.conn.execute(_PRUNE_EVENTS, (ids,))
         self.conn.execute(_PRUNE_TASKS, (ids,))
-        requests = {(row[3], row[4]) for row in doomed if row[3] is not None}
-        self.conn.executemany(_PRUNE_REQUEST, requests)
+        self._prune_requests({(row[3], row[4]) for row in doomed if row[3] is not None})
         return deleted, go_on
+
+    def _prune_requests(self, keys: set[tuple[str, int]]) -> None:
+        """Delete the records of these SUBMITs (client, seq) that made no task left:
+        while one made by a SUBMIT remains, a resend of it must still get its ids."""
+        records = self.conn.execute(_REQUESTS_OF, (json.dumps(sorted(keys)),)).fetchall()
+        named = sorted({i for _, _, ids in records for i in msgpack.unpackb(ids)})
+        left = self.conn.execute(_SUBMITTERS_OF, (json.dumps(named),)).fetchall()
+        live = {(client, seq) for client, seq in left}
+        self.conn.executemany(_PRUNE_REQUEST, [r[:2] for r in records if r[:2] not in live])
 
     def _counter(self, name: str) -> int:
         row = self.conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
