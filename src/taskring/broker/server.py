@@ -380,8 +380,8 @@ class Broker:
         task runs again, from the log or, if its submit was lost too, when its
         client, never answered, submits again: at least once, as after any lost
         attempt. Its id is never given to another task: ids are reserved durably
-        a block at a time, and a turn that reserves a block sends no TASK ahead
-        (Store.allocate_id).
+        a block at a time, and no TASK goes ahead of the sync that makes a new
+        block's reservation durable (Store.allocate_id).
 
         A TASK behind an ACK or a WELCOME to the same worker waits with them: the
         worker frees a slot when the ACK of its result arrives, and would refuse a

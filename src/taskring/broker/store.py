@@ -279,8 +279,8 @@ class Store:
             self.conn.execute("SELECT max(id) FROM tasks").fetchone()[0] or 0,
             self._counter(HIGHEST_TASK_ID),
         )
-        # A log from before m003, or one a broker of 4ec9525 pruned and then gave
-        # ids out of, has a counter below max(id), or none.
+        # A log from before m003 has no counter, and one that only prunes raised
+        # may have it below max(id): from here on it is never below.
         self.conn.execute(_RAISE_COUNTER, (HIGHEST_TASK_ID, self.next_id - 1))
         self._reserved = self.next_id - 1  # ids up to this one are in the log's counter
         # Checkpoints run between turns; SQLite's own, inside a commit, is a fallback.
@@ -547,9 +547,9 @@ class Store:
         client_prefix: str | None = None,
     ) -> tuple[Counter[str], int | None]:
         """Delete the tasks among the `scan` after `after_id` that reached one of
-        `states` (final ones only) before `before`, with their events and the records
-        of the SUBMITs that made them; with `client_prefix`, only tasks whose
-        submitter starts with it.
+        `states` (final ones only) before `before`, with their events, and the
+        record of a SUBMIT once no task it made is left; with `client_prefix`, only
+        tasks whose submitter starts with it.
 
         Returns the count deleted by state, and the id to go on after (None once
         the scan reached the last task).

@@ -63,8 +63,8 @@ def prune(
 ) -> None:
     """Delete finished tasks (succeeded, failed, dead, cancelled) and their history.
 
-    Queued and running tasks are never touched. The broker deletes them a
-    few thousand at a time between its other work. Their ids become unknown,
+    Queued and running tasks are never touched. The broker looks at a
+    thousand tasks a request, between its other work. Their ids become unknown,
     and their idempotency keys may be used again. The database file keeps
     its size; SQLite reuses the freed pages for new tasks.
     """
