@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,34 @@ def test_only_the_key_that_submitted_a_task_may_cancel_it(cluster: Cluster, keys
         # Then nothing changed, and the submitting key may cancel them
         assert [app.status(i).state for i in (first, second)] == ["queued", "queued"]
         assert app.cancel([first, second]) == {first: "cancelled", second: "cancelled"}
+
+
+def test_with_curve_a_key_prunes_only_the_tasks_it_submitted(cluster: Cluster, keys: Path) -> None:
+    # Given tasks that two allowed keys submitted and cancelled: two of app's, one of other's
+    generate_keypair(keys / "keys", "other")
+    (keys / "allow/other.key").write_bytes((keys / "keys/other.key").read_bytes())
+    start_secure(cluster, keys)
+    other_curve = curve_for(keys, "other")
+    with cluster.client() as app, Client(cluster.endpoint, timeout_s=5, curve=other_curve) as other:
+        mine = [app.submit("tt_tasks.add", i, i).id for i in (1, 2)]
+        (theirs,) = [other.submit("tt_tasks.add", 3, 3).id]
+        app.cancel(mine)
+        other.cancel([theirs])
+    # And the log two hours on: stopped, every task's last change moved back, served again
+    assert cluster.broker is not None
+    cluster.stop(cluster.broker)
+    with sqlite3.connect(cluster.db) as conn:
+        conn.execute("UPDATE tasks SET updated_at = updated_at - 7200")
+    conn.close()
+    start_secure(cluster, keys)
+    before = time.time() - 3600
+    with cluster.client() as app, Client(cluster.endpoint, timeout_s=5, curve=other_curve) as other:
+        # When the other key prunes, Then only its own task goes
+        assert other.prune(before) == 1
+        assert [app.status(i).state for i in mine] == ["cancelled", "cancelled"]
+        # And app's prune takes app's two
+        assert app.prune(before) == 2
+        assert app.broker_status()["states"] == {}
 
 
 @pytest.mark.parametrize("who", ["unknown key", "plaintext", "wrong server key"])
