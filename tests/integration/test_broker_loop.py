@@ -20,6 +20,7 @@ import zmq
 
 from taskring import protocol as p
 from taskring.broker import Broker, BrokerSettings, ownership, server
+from taskring.broker.store import ID_BLOCK
 
 HEARTBEAT_S = 1.0
 LIVENESS = 3
@@ -262,6 +263,49 @@ def test_with_full_durability_a_task_leaves_before_the_sync_and_the_reply_after(
         assert db_rows(b, "SELECT state, attempt FROM tasks") == [("running", 1)] * 2
     finally:
         b.close()
+
+
+def lose_power_back_to(snapshot: Path, db: Path) -> None:
+    """The log as the disk held it at `snapshot`: what no sync covered is gone."""
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    os.replace(snapshot, db)
+
+
+def snapshot_of(db: Path, snapshot: Path) -> None:
+    with sqlite3.connect(db) as live, sqlite3.connect(snapshot) as copy:
+        live.backup(copy)
+    live.close()
+    copy.close()
+
+
+def test_an_id_a_worker_saw_is_not_given_to_another_task_after_a_power_loss(tmp_path, ctx, steps):
+    # Given a full-durability broker that dispatched task 1, and the log as synced then
+    b = make_broker(tmp_path, ctx, synchronous="full")
+    db, snapshot = tmp_path / "tasks.db", tmp_path / "synced.db"
+    try:
+        w = worker(ctx, b, 0.0, capacity=2)
+        a = client(ctx, b, b"c-a")
+        assert submit(a, b, 0.0, [task()]) == [1]
+        w.expect(b, 0.0, p.TASK)
+        snapshot_of(db, snapshot)
+        # When task 2's TASK leaves ahead of its turn's sync, and the power goes
+        # before that sync (the client never heard of task 2)
+        steps.clear()
+        a.request(p.SUBMIT, {"tasks": [task()]})
+        assert [t["id"] for t in w.expect(b, 0.0, p.TASK)["tasks"]] == [2]
+        assert steps[:2] == ["send TASK", "sync"]
+    finally:
+        b.close()
+    lose_power_back_to(snapshot, db)
+    # Then the next broker gives another client's task an id past the reserved block,
+    # never the 2 the worker saw (its task code may have keyed work on it)
+    again = make_broker(tmp_path, ctx, synchronous="full")
+    try:
+        assert submit(client(ctx, again, b"c-b"), again, 0.0, [task()]) == [ID_BLOCK + 1]
+        assert db_rows(again, "SELECT id FROM tasks") == [(1,), (ID_BLOCK + 1,)]
+    finally:
+        again.close()
 
 
 def test_a_broker_that_stops_cleanly_gives_its_unused_ids_back(tmp_path, ctx):
