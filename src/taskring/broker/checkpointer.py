@@ -12,7 +12,7 @@ ACKs and TASKs go out. Between turns it takes about 0.8 ms here, and a
 message arriving meanwhile waits for the rest. It
 reads the WAL's length from SQLite's wal-index (broker/walindex.py), since
 Python's sqlite3 has no WAL hook. A checkpoint thread measured worse in this
-mode (README, Performance: its syncs overlap the loop's).
+mode (bench/HISTORY.md, Latency: its syncs overlap the loop's).
 
 With `--synchronous normal` (WalCheckpointer), nothing else syncs the WAL, so
 SQLite's checkpoint first writes the whole WAL out to disk: about 4 MB, 4 to
