@@ -86,6 +86,7 @@ E_NOT_FOUND = "not-found"
 E_UNKNOWN_WORKER = "unknown-worker"
 E_UNKNOWN_TASK = "unknown-task"
 E_FORBIDDEN = "forbidden"
+E_NAME_TAKEN = "name-taken"
 E_INTERNAL = "internal"
 
 
@@ -630,6 +631,7 @@ class WorkerHeartbeat:
     dseq: int  # last TASK dseq received
     held: tuple[tuple[int, int], ...]
     draining: bool  # stopping: finishes what it holds, wants no more tasks
+    incarnation: str = ""  # as in its READY; "" from workers that do not send it
 
 
 class TaskOutcome(NamedTuple):
@@ -705,7 +707,10 @@ def decode_worker_heartbeat(
 ) -> WorkerHeartbeat:
     dseq = _count(body, "dseq") if body.get("dseq") is not None else 0
     draining = bool(_optional(body, "draining", bool, False))
-    return WorkerHeartbeat(dseq=dseq, held=_pairs(body, limits), draining=draining)
+    incarnation = _optional(body, "incarnation", str, "")[:64]
+    return WorkerHeartbeat(
+        dseq=dseq, held=_pairs(body, limits), draining=draining, incarnation=incarnation
+    )
 
 
 def _lease_of(item: dict[str, Any]) -> tuple[int, int] | None:

@@ -131,12 +131,15 @@ def worker(
     held: list[list[int]] | None = None,
     tasks: tuple[str, ...] = ("t.add",),
     concurrency: int | None = None,
+    incarnation: str | None = None,
 ) -> Peer:
     w = Peer(ctx, broker.endpoint, name, p.PROTOCOL_WORKER)
     names = dict.fromkeys(tasks, 3)
     body = {"capacity": capacity, "tasks": names, "held": held or [], "pid": 1, "host": "h"}
     if concurrency is not None:
         body["concurrency"] = concurrency
+    if incarnation is not None:
+        body["incarnation"] = incarnation
     w.request(p.READY, body)
     w.expect(broker, now, p.WELCOME)
     return w
@@ -1514,3 +1517,50 @@ def test_a_turn_reads_one_prune_and_leaves_the_rest_for_the_next(broker, ctx, mo
     assert read == [3, 1, 1]
     replies = [body for cmd, body in c.drain(broker, 0.0) if cmd == p.REPLY]
     assert sorted(r["seq"] for r in replies) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- one name, two processes
+
+
+def test_a_heartbeat_of_a_second_process_of_a_name_is_ignored_and_told_to_stop(broker, ctx):
+    # Given w1, registered by the process of incarnation "a", running task 1
+    w = worker(ctx, broker, 0.0, incarnation="a")
+    c = client(ctx, broker)
+    (task_id,) = submit(c, broker, 0.0, [task()])
+    dseq = w.expect(broker, 0.0, p.TASK)["dseq"]
+    # When a HEARTBEAT in that name comes from a process of incarnation "b", holding nothing
+    w.send(p.HEARTBEAT, {"dseq": dseq, "held": [], "incarnation": "b"})
+    # Then it is answered name-taken for "b", and task 1's lease stands (taken as
+    # w1's, that heartbeat would have lost it in transit)
+    error = w.expect(broker, 0.0, p.ERROR)
+    assert (error["seq"], error["code"], error["incarnation"]) == (None, p.E_NAME_TAKEN, "b")
+    assert "'w1' is taken by another live process (pid 1 on h)" in error["message"]
+    assert db_rows(broker, "SELECT state, attempt FROM tasks") == [("running", 1)]
+    # And the registered process's heartbeats, and one with no incarnation (a worker of
+    # an earlier version), are taken as they were
+    for extra in ({"incarnation": "a"}, {}):
+        w.send(p.HEARTBEAT, {"dseq": dseq, "held": [[task_id, 1]], **extra})
+    assert [m for m in w.drain(broker, 0.0) if m[0] == p.ERROR] == []
+    assert broker.workers["w1"].leases.keys() == {task_id}
+
+
+def test_a_process_that_registers_again_after_another_replaced_it_is_told_to_stop(broker, ctx):
+    # Given w1 registered by process "a", then by process "b" (a restart, as far as
+    # the broker can tell: "a" may be dead)
+    worker(ctx, broker, 0.0, incarnation="a")
+    worker(ctx, broker, 0.0, incarnation="b")
+    # When "a" registers again: it is alive, beside "b"
+    a = Peer(ctx, broker.endpoint, b"w1", p.PROTOCOL_WORKER)
+    body = {"capacity": 2, "tasks": {"t.add": 3}, "held": [], "pid": 2, "host": "h"}
+    a.request(p.READY, {**body, "incarnation": "a"})
+    # Then it gets name-taken for "a", and "b" stays registered
+    error = a.expect(broker, 0.0, p.ERROR)
+    assert (error["code"], error["incarnation"]) == (p.E_NAME_TAKEN, "a")
+    assert broker.workers["w1"].incarnation == "b"
+    # When "b" falls silent past the liveness window, Then the name is free again,
+    # for "a" too
+    broker.poll_once(now=100.0, timeout_s=0.01)
+    assert "w1" not in broker.workers
+    a.request(p.READY, {**body, "incarnation": "a"})
+    assert a.expect(broker, 100.0, p.WELCOME)
+    assert broker.workers["w1"].incarnation == "a"

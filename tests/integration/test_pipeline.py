@@ -314,3 +314,26 @@ def test_prune_deletes_the_tasks_that_ended_long_ago_and_nothing_else(cluster: C
         assert client.broker_status()["states"] == {"queued": 1}
         # And a new task gets an id never given out before
         assert client.submit("nobody.runs", 2).id == waiting + 1
+
+
+def test_of_two_live_workers_given_one_name_one_stops_and_says_why(cluster: Cluster) -> None:
+    # Given a worker named dup, and a second process started with the same name
+    cluster.start_broker()
+    first = cluster.start_worker("dup")
+    cluster.wait_workers("dup")
+    second = cluster.start_worker("dup")
+    # Then one of them stops within seconds, exit status 2, saying why
+    stopped = wait_for(
+        lambda: next((p for p in (first, second) if p.poll() is not None), None),
+        20,
+        "one of the two processes named dup to stop",
+    )
+    kept = second if stopped is first else first
+    assert stopped.returncode == 2
+    assert "'dup' is taken by another live process" in cluster.logs()
+    assert kept.poll() is None
+    # And the one left runs every task, none dead-lettered by the two fighting over it
+    with cluster.client() as client:
+        ids = client.submit_many("tt_tasks.add", [(i, i) for i in range(200)])
+        done = client.wait(ids, timeout=30)
+    assert {done[i].state for i in ids} == {"succeeded"}

@@ -778,6 +778,29 @@ def test_an_attempt_called_stale_then_leased_again_starts_with_its_lease(stepped
     assert not io.is_stale(1, 1)
 
 
+def test_name_taken_stops_the_process_it_names_and_no_other(stepped: Stepped) -> None:
+    broker, io = stepped
+    # Given a broker that answers another process of this name: its ERROR, which the
+    # shared routing id led here, names that process's incarnation
+    error = {"seq": None, "code": protocol.E_NAME_TAKEN, "message": "name taken"}
+    broker.send(protocol.ERROR, {**error, "incarnation": "another-process"})
+    io.poll_once(timeout_s=0.2)
+    # Then this process goes on
+    assert io.name_taken is None
+    # When the ERROR names this process, Then it is told to stop, with the reason
+    broker.send(protocol.ERROR, {**error, "incarnation": io.incarnation})
+    step_until(io, lambda: io.name_taken is not None)
+    assert io.name_taken == "name taken"
+
+
+def test_a_heartbeat_names_the_process_as_its_ready_did(broker: FakeBroker, start: Start) -> None:
+    start()
+    ready = broker.register()
+    broker.last_held(after=time.monotonic())
+    incarnations = {body.get("incarnation") for _, body in broker.heartbeats}
+    assert incarnations == {ready["incarnation"]} and len(ready["incarnation"]) == 32
+
+
 def test_a_broker_heartbeat_naming_a_held_attempt_stale_reaches_its_task(
     broker: FakeBroker, start: Start
 ) -> None:

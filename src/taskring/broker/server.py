@@ -58,6 +58,8 @@ _ON_A_WAITING_PATH = frozenset((p.TASK, p.NOTIFY))
 # Tasks a PRUNE looks at: deleting a task and its events writes several pages,
 # and a turn of thousands would hold every other peer's messages for long.
 PRUNE_SCAN_ROWS = 1_000
+# Replaced incarnations remembered per worker name (Broker._on_ready).
+MAX_REPLACED = 16
 # How often the broker makes sure its log's lock file is still there (a stat).
 OWNERSHIP_CHECK_S = 1.0
 
@@ -79,6 +81,9 @@ class Broker:
             raise
         try:
             self.workers: dict[str, WorkerState] = {}
+            # By name, the incarnations a newer process's READY replaced while the name
+            # stayed registered: one that registers again is alive beside that newer one.
+            self._replaced: dict[str, set[str]] = {}
             self.leases: dict[int, Lease] = {}  # every running task, by id
             self.orphans: dict[int, Lease] = {}  # leases loaded at start, not yet reclaimed
             self.orphan_deadline = 0.0  # all of them: one liveness window after the start
@@ -686,6 +691,17 @@ class Broker:
     def _on_ready(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_ready(envelope.body, self.limits)
         name = _name(envelope.identity)
+        current = self.workers.get(name)
+        if (
+            current is not None
+            and request.incarnation not in ("", current.incarnation)
+            and request.incarnation in self._replaced.get(name, ())
+        ):
+            # Two live processes of one name: each reconnect hands the routing id to
+            # the other (ROUTER_HANDOVER), and each READY would cost the other its
+            # leases. The one registered stays; this one is told to stop.
+            self._name_taken(envelope.identity, current, request.incarnation, now)
+            return
         previous = self.workers.pop(name, None)
         # The same process registering again (a lost WELCOME, a reconnect)
         # keeps its TASK numbering, so leases still in flight to it survive.
@@ -711,6 +727,11 @@ class Broker:
         )
         if same_process and previous is not None:
             worker.cancelled = previous.cancelled  # their TASKs may still be in flight
+        elif previous is not None and previous.incarnation:
+            replaced = self._replaced.setdefault(name, set())
+            if len(replaced) >= MAX_REPLACED:
+                replaced.clear()  # bounded: a name restarted all day long is no duplicate
+            replaced.add(previous.incarnation)
         self.workers[name] = worker
         if any(self.names.get(n) != m for n, m in request.tasks.items()):
             self.store.remember_names(request.tasks, wall)
@@ -766,6 +787,12 @@ class Broker:
         worker = self._registered(envelope.identity, now)
         if worker is None:
             return
+        if beat.incarnation and worker.incarnation and beat.incarnation != worker.incarnation:
+            # Another live process under this name: the routing id goes to whichever
+            # connected last (ROUTER_HANDOVER), and its `held` would pass for this
+            # registration's and cost its leases. Ignored, and told to stop.
+            self._name_taken(envelope.identity, worker, beat.incarnation, now)
+            return
         if beat.draining and not worker.draining:
             worker.draining = True
             self.placement.leave(worker.name)  # its keys move on now, not when it is gone
@@ -779,6 +806,21 @@ class Broker:
                 # result the broker refused.
                 self._lease_lost(lease, "lease lost in transit", wall, waiting=True)
         worker.update_foreign(held, beat.dseq)
+
+    def _name_taken(
+        self, identity: bytes, worker: WorkerState, incarnation: str, now: float
+    ) -> None:
+        """ERROR name-taken, naming the incarnation it is for: the routing id may
+        reach the registered process by the time it arrives, which must not stop."""
+        message = (
+            f"worker name {worker.name!r} is taken by another live process (pid {worker.pid} "
+            f"on {worker.host}); give each worker its own --name"
+        )
+        self.rejected[p.E_NAME_TAKEN] += 1
+        if self._may_complain(identity, now):
+            log.warning("%s: a second process (incarnation %s) uses it", message, incarnation)
+        body = {**p.error_body(None, p.E_NAME_TAKEN, message), "incarnation": incarnation}
+        self._outbox.append([identity, p.PROTOCOL_WORKER, p.ERROR, p.pack(body)])
 
     def _on_result(self, envelope: p.Envelope, now: float, wall: float) -> None:
         request = p.decode_result(envelope.body, self.limits)
@@ -987,6 +1029,7 @@ class Broker:
     def _remove_worker(self, worker: WorkerState, reason: str, wall: float) -> None:
         log.warning("%s; %d tasks go back to the queue", reason, len(worker.leases))
         del self.workers[worker.name]
+        self._replaced.pop(worker.name, None)  # the name is free: any process may take it
         self.placement.leave(worker.name)
         self._leases_lost(worker, list(worker.leases.values()), reason, wall)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from taskring.registry import task
 from taskring.workers.context import TaskContext
-from taskring.workers.errors import WorkerConfigError, WorkerStopped
+from taskring.workers.errors import WorkerConfigError, WorkerNameTaken, WorkerStopped
 from taskring.workers.settings import WorkerSettings
 from taskring.workers.worker import Worker, run_worker
 
@@ -16,6 +16,7 @@ __all__ = [
     "TaskContext",
     "Worker",
     "WorkerConfigError",
+    "WorkerNameTaken",
     "WorkerSettings",
     "WorkerStopped",
     "run_worker",

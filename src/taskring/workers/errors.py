@@ -18,3 +18,11 @@ class WorkerStopped(TaskringError):
     Raised inside a task by `ctx.checkpoint()`: the state may not be durable,
     and the broker re-runs the task from its previous checkpoint.
     """
+
+
+class WorkerNameTaken(TaskringError):
+    """Another live worker process registered this worker's name with the broker.
+
+    Two processes of one name take the routing id from each other, and their
+    tasks use up attempts; the one the broker did not keep stops with this.
+    """

@@ -109,6 +109,9 @@ class IOLoop:
         self._drain_announced = False
         self.closed = False
         self._stale: set[tuple[int, int]] = set()  # held attempts the broker said are stale
+        # Set when the broker says another live process registered this worker's name:
+        # the reason, and the Worker stops at once, without a DISCONNECT in that name.
+        self.name_taken: str | None = None
 
     # ------------------------------------------------------------ task side (any thread)
 
@@ -122,6 +125,12 @@ class IOLoop:
         if not self.inbox.put(CheckpointRequest(task_id, attempt, number, state, waiter)):
             raise WorkerStopped("the worker stopped; the checkpoint was not stored")
         return waiter.wait()
+
+    @property
+    def incarnation(self) -> str:
+        """Random per process, sent in READY and HEARTBEAT: tells this process apart
+        from another that uses the same name."""
+        return self._incarnation
 
     def is_stale(self, task_id: int, attempt: int) -> bool:
         """True once the broker said this attempt's lease is gone (any thread)."""
@@ -228,7 +237,11 @@ class IOLoop:
                 self._send(frames)
 
     def _send_heartbeat(self, now: float) -> None:
-        body: dict[str, Any] = {"dseq": self._dseq, "held": self._held_list()}
+        body: dict[str, Any] = {
+            "dseq": self._dseq,
+            "held": self._held_list(),
+            "incarnation": self._incarnation,
+        }
         if self.stopping:
             body["draining"] = True
         sent = self._send(protocol.frames(PROTOCOL_WORKER, protocol.HEARTBEAT, body))
@@ -455,6 +468,13 @@ class IOLoop:
         log.warning("worker %s: broker error %s: %s", self.name, code, message)
         if code == protocol.E_UNKNOWN_WORKER:
             self._register_again(now)
+            return
+        if code == protocol.E_NAME_TAKEN:
+            # Only if it is about this process: the routing id is shared, and the
+            # answer to the other process's HEARTBEAT may reach this one.
+            if body.get("incarnation") == self._incarnation:
+                log.error("worker %s: %s", self.name, message)
+                self.name_taken = message
             return
         if code not in FATAL_CODES or type(seq) is not int or seq not in self._outstanding:
             return  # transient (or about no message of ours): the resend timer retries

@@ -20,7 +20,7 @@ from types import FrameType
 import zmq
 
 from taskring import protocol
-from taskring.workers.errors import WorkerConfigError
+from taskring.workers.errors import WorkerConfigError, WorkerNameTaken
 from taskring.workers.io import IOLoop
 from taskring.workers.journal import AckJournal
 from taskring.workers.loading import load_modules
@@ -109,19 +109,23 @@ class Worker:
         drained = False
         try:
             pool.start(io)
-            while not self._stop.is_set():
+            while not self._stop.is_set() and io.name_taken is None:
                 io.poll_once()
-            drained = self._drain_and_flush(io, pool.waiting)
+            if io.name_taken is None:
+                drained = self._drain_and_flush(io, pool.waiting)
         finally:
             pool.waiting.stop_starting()  # also when the loop raised
             # Not started, and not to be: the broker queues them again when we leave.
             pool.waiting.take()
-            io.close(disconnect=True, linger_s=min(0.5, s.heartbeat_s))
+            # Not in a name another process holds: a DISCONNECT would end its registration.
+            io.close(disconnect=io.name_taken is None, linger_s=min(0.5, s.heartbeat_s))
             pool.close(CHILD_GRACE_S if drained else 0.0)
             context.destroy(linger=0)
             if journal is not None:
                 journal.close()
             log.info("worker %s stopped", self.name)
+        if io.name_taken is not None:
+            raise WorkerNameTaken(io.name_taken)
 
     def _welcomed(self, registrations: int) -> None:
         if registrations == 1:
