@@ -1532,8 +1532,10 @@ def test_a_heartbeat_of_a_second_process_of_a_name_is_ignored_and_told_to_stop(b
     w.send(p.HEARTBEAT, {"dseq": dseq, "held": [], "incarnation": "b"})
     # Then it is answered name-taken for "b", and task 1's lease stands (taken as
     # w1's, that heartbeat would have lost it in transit)
-    error = w.expect(broker, 0.0, p.ERROR)
+    error = w.expect(broker, 2.0, p.ERROR)
     assert (error["seq"], error["code"], error["incarnation"]) == (None, p.E_NAME_TAKEN, "b")
+    # (nor does it count as a sign of w1's life: if "a" died, w1 must expire)
+    assert broker.workers["w1"].last_heard == 0.0
     assert "'w1' is taken by another live process (pid 1 on h)" in error["message"]
     assert db_rows(broker, "SELECT state, attempt FROM tasks") == [("running", 1)]
     # And the registered process's heartbeats, and one with no incarnation (a worker of
@@ -1563,4 +1565,17 @@ def test_a_process_that_registers_again_after_another_replaced_it_is_told_to_sto
     assert "w1" not in broker.workers
     a.request(p.READY, {**body, "incarnation": "a"})
     assert a.expect(broker, 100.0, p.WELCOME)
+    assert broker.workers["w1"].incarnation == "a"
+
+
+def test_a_replaced_process_may_take_the_name_once_the_registered_one_fell_silent(broker, ctx):
+    # Given w1 registered by process "a", then replaced by process "b", which then dies
+    worker(ctx, broker, 0.0, incarnation="a")
+    worker(ctx, broker, 0.0, incarnation="b")
+    # When "a" registers again two heartbeats later, before "b" expires
+    a = Peer(ctx, broker.endpoint, b"w1", p.PROTOCOL_WORKER)
+    body = {"capacity": 2, "tasks": {"t.add": 3}, "held": [], "pid": 2, "host": "h"}
+    a.request(p.READY, {**body, "incarnation": "a"})
+    # Then it is welcomed: "b" no longer counts as alive, and the name is served
+    assert a.expect(broker, 2.5, p.WELCOME)
     assert broker.workers["w1"].incarnation == "a"

@@ -793,6 +793,27 @@ def test_name_taken_stops_the_process_it_names_and_no_other(stepped: Stepped) ->
     assert io.name_taken == "name taken"
 
 
+def test_a_draining_worker_told_its_name_is_taken_stops_draining_and_exits_cleanly(
+    broker: FakeBroker, start: Start
+) -> None:
+    # Given a worker draining (asked to stop) with a task that would run for 30 s
+    w = start()
+    ready = broker.register()
+    broker.dispatch(assignment(1, "wt.wait", "name-taken-drain"))
+    assert worker_tasks.gate("name-taken-drain:started").wait(5)
+    w.worker.stop(drain=True)
+    # When the broker says another live process took the name (a rolling restart
+    # under one name, say)
+    error = {"seq": None, "code": protocol.E_NAME_TAKEN, "message": "taken"}
+    broker.send(protocol.ERROR, {**error, "incarnation": ready["incarnation"]})
+    # Then it stops within a second, without the 30 s drain, and without an error:
+    # it was stopping anyway
+    began = time.monotonic()
+    w.join(timeout_s=5)
+    assert time.monotonic() - began < 2
+    assert [c for c, _ in broker.pump(0.2)] == []  # no DISCONNECT in the other's name
+
+
 def test_a_heartbeat_names_the_process_as_its_ready_did(broker: FakeBroker, start: Start) -> None:
     start()
     ready = broker.register()

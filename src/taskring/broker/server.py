@@ -60,6 +60,11 @@ _ON_A_WAITING_PATH = frozenset((p.TASK, p.NOTIFY))
 PRUNE_SCAN_ROWS = 1_000
 # Replaced incarnations remembered per worker name (Broker._on_ready).
 MAX_REPLACED = 16
+# Heartbeat intervals the registered process of a name may be silent and still
+# count as alive when a replaced one registers again (Broker._on_ready).
+ALIVE_BEATS = 2
+# Worker messages that carry the sending process's incarnation.
+_SAYS_WHICH_PROCESS = frozenset((p.READY, p.HEARTBEAT))
 # How often the broker makes sure its log's lock file is still there (a stat).
 OWNERSHIP_CHECK_S = 1.0
 
@@ -312,8 +317,8 @@ class Broker:
                 self._reject(identity, envelope.protocol, _seq(envelope), error, now)
                 return
             worker = self.workers.get(name)
-            if worker is not None:
-                worker.last_heard = now
+            if worker is not None and envelope.command not in _SAYS_WHICH_PROCESS:
+                worker.last_heard = now  # READY and HEARTBEAT: once known to be its own
         try:
             self._handlers[(envelope.protocol, envelope.command)](envelope, now, wall)
         except p.ProtocolError as e:
@@ -696,6 +701,7 @@ class Broker:
             current is not None
             and request.incarnation not in ("", current.incarnation)
             and request.incarnation in self._replaced.get(name, ())
+            and now - current.last_heard < ALIVE_BEATS * self.settings.heartbeat_s
         ):
             # Two live processes of one name: each reconnect hands the routing id to
             # the other (ROUTER_HANDOVER), and each READY would cost the other its
@@ -793,6 +799,7 @@ class Broker:
             # registration's and cost its leases. Ignored, and told to stop.
             self._name_taken(envelope.identity, worker, beat.incarnation, now)
             return
+        worker.last_heard = now
         if beat.draining and not worker.draining:
             worker.draining = True
             self.placement.leave(worker.name)  # its keys move on now, not when it is gone

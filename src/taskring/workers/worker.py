@@ -124,7 +124,8 @@ class Worker:
             if journal is not None:
                 journal.close()
             log.info("worker %s stopped", self.name)
-        if io.name_taken is not None:
+        if io.name_taken is not None and not self._stop.is_set():
+            # Asked to stop anyway (a rolling restart under one name): not a failure.
             raise WorkerNameTaken(io.name_taken)
 
     def _welcomed(self, registrations: int) -> None:
@@ -145,7 +146,7 @@ class Worker:
             return len(io.running) - waiting.unstarted()
 
         deadline = time.monotonic() + (self.settings.drain_timeout_s if self._drain else 0.0)
-        while started() > 0 and self._drain and time.monotonic() < deadline:
+        while started() > 0 and self._draining(io) and time.monotonic() < deadline:
             io.poll_once()
         if started() > 0:
             log.warning(
@@ -154,7 +155,11 @@ class Worker:
                 started(),
             )
         deadline = time.monotonic() + self.settings.flush_timeout_s
-        while (io.unacked or waiting.unstarted()) and self._drain and time.monotonic() < deadline:
+        while (
+            (io.unacked or waiting.unstarted())
+            and self._draining(io)
+            and time.monotonic() < deadline
+        ):
             io.poll_once()
         if waiting.unstarted():
             log.warning(
@@ -166,6 +171,10 @@ class Worker:
         if io.unacked:
             log.warning("worker %s: %d message(s) never ACKed", self.name, io.unacked)
         return started() <= 0
+
+    def _draining(self, io: IOLoop) -> bool:
+        """Still draining: neither a second stop nor another process taking the name."""
+        return self._drain and io.name_taken is None
 
 
 def run_worker(settings: WorkerSettings) -> None:
