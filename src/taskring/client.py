@@ -402,11 +402,7 @@ class Client:
         while True:
             reply = self._request(protocol.PRUNE, {**body, "after_id": after_id})
             count, go_on = reply.get("deleted"), reply.get("next")
-            if (
-                not isinstance(count, int)
-                or isinstance(count, bool)
-                or not (go_on is None or (is_int(go_on) and go_on > after_id))
-            ):
+            if not is_int(count) or not (go_on is None or (is_int(go_on) and go_on > after_id)):
                 raise malformed("PRUNE reply has no count or a next id that does not go on")
             deleted += count
             if go_on is None:

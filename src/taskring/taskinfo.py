@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from taskring import protocol
 from taskring.errors import TaskFailed, TaskringError
@@ -16,7 +16,7 @@ def malformed(what: str) -> TaskringError:
     return TaskringError(f"malformed answer from the broker: {what}")
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -134,15 +134,26 @@ def worker(
     incarnation: str | None = None,
 ) -> Peer:
     w = Peer(ctx, broker.endpoint, name, p.PROTOCOL_WORKER)
-    names = dict.fromkeys(tasks, 3)
-    body = {"capacity": capacity, "tasks": names, "held": held or [], "pid": 1, "host": "h"}
+    body = ready_body(capacity, held, tasks, incarnation)
     if concurrency is not None:
         body["concurrency"] = concurrency
-    if incarnation is not None:
-        body["incarnation"] = incarnation
     w.request(p.READY, body)
     w.expect(broker, now, p.WELCOME)
     return w
+
+
+def ready_body(
+    capacity: int = 2,
+    held: list[list[int]] | None = None,
+    tasks: tuple[str, ...] = ("t.add",),
+    incarnation: str | None = None,
+    pid: int = 1,
+) -> dict[str, Any]:
+    names = dict.fromkeys(tasks, 3)
+    body = {"capacity": capacity, "tasks": names, "held": held or [], "pid": pid, "host": "h"}
+    if incarnation is not None:
+        body["incarnation"] = incarnation
+    return body
 
 
 def task(name: str = "t.add", key: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -1553,8 +1564,7 @@ def test_a_process_that_registers_again_after_another_replaced_it_is_told_to_sto
     worker(ctx, broker, 0.0, incarnation="b")
     # When "a" registers again: it is alive, beside "b"
     a = Peer(ctx, broker.endpoint, b"w1", p.PROTOCOL_WORKER)
-    body = {"capacity": 2, "tasks": {"t.add": 3}, "held": [], "pid": 2, "host": "h"}
-    a.request(p.READY, {**body, "incarnation": "a"})
+    a.request(p.READY, ready_body(incarnation="a", pid=2))
     # Then it gets name-taken for "a", and "b" stays registered
     error = a.expect(broker, 0.0, p.ERROR)
     assert (error["code"], error["incarnation"]) == (p.E_NAME_TAKEN, "a")
@@ -1563,7 +1573,7 @@ def test_a_process_that_registers_again_after_another_replaced_it_is_told_to_sto
     # for "a" too
     broker.poll_once(now=100.0, timeout_s=0.01)
     assert "w1" not in broker.workers
-    a.request(p.READY, {**body, "incarnation": "a"})
+    a.request(p.READY, ready_body(incarnation="a", pid=2))
     assert a.expect(broker, 100.0, p.WELCOME)
     assert broker.workers["w1"].incarnation == "a"
 
@@ -1574,8 +1584,7 @@ def test_a_replaced_process_may_take_the_name_once_the_registered_one_fell_silen
     worker(ctx, broker, 0.0, incarnation="b")
     # When "a" registers again two heartbeats later, before "b" expires
     a = Peer(ctx, broker.endpoint, b"w1", p.PROTOCOL_WORKER)
-    body = {"capacity": 2, "tasks": {"t.add": 3}, "held": [], "pid": 2, "host": "h"}
-    a.request(p.READY, {**body, "incarnation": "a"})
+    a.request(p.READY, ready_body(incarnation="a", pid=2))
     # Then it is welcomed: "b" no longer counts as alive, and the name is served
     assert a.expect(broker, 2.5, p.WELCOME)
     assert broker.workers["w1"].incarnation == "a"

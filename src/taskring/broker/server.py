@@ -234,11 +234,12 @@ class Broker:
                     break
                 messages.append(received)
                 frames = received[0]
-                if len(frames) > 2 and frames[2] == p.SUBMIT:
+                command = frames[2] if len(frames) > 2 else b""
+                if command == p.SUBMIT:
                     submits += 1
                     if submits >= self.settings.max_submits_per_turn:
                         break  # the rest wait in the socket for the next turn
-                elif len(frames) > 2 and frames[2] == p.PRUNE:
+                elif command == p.PRUNE:
                     break  # up to 1,000 tasks deleted, 10 ms or so: one a turn
         now = time.monotonic() if now is None else now
         wall = wall_clock()

@@ -349,7 +349,7 @@ class Store:
             except OSError as e:
                 # Nothing more may be acknowledged; the broker stops, and a restart
                 # recovers from what the log holds.
-                raise sqlite3.OperationalError(f"fsync of the task log failed: {e}") from e
+                raise _sync_failed(e) from e
         self.ids_not_synced = False
 
     def finish_checkpoint(self) -> None:
@@ -386,7 +386,7 @@ class Store:
         if self.syncer is not None and self.syncer.error is not None:
             # One failed sync is final (WalSyncer): commit nothing more, or a turn's
             # TASKs would leave before its sync failed in turn.
-            raise sqlite3.OperationalError(f"fsync of the task log failed: {self.syncer.error}")
+            raise _sync_failed(self.syncer.error)
         changes = self.conn.total_changes
         reserved = self._reserved
         try:
@@ -572,8 +572,6 @@ class Store:
         deleted: Counter[str] = Counter(row[1] for row in doomed)
         if not doomed:
             return deleted, go_on
-        # Already at least this (allocate_id); kept so that prune alone is safe too.
-        self.conn.execute(_RAISE_COUNTER, (HIGHEST_TASK_ID, self.next_id - 1))
         ids = json.dumps([row[0] for row in doomed])
         self.conn.execute(_PRUNE_EVENTS, (ids,))
         self.conn.execute(_PRUNE_TASKS, (ids,))
@@ -707,6 +705,10 @@ class Store:
         cursor = self.conn.execute(sql, params)
         cursor.row_factory = sqlite3.Row
         return cursor.fetchall()
+
+
+def _sync_failed(error: OSError) -> sqlite3.OperationalError:
+    return sqlite3.OperationalError(f"fsync of the task log failed: {error}")
 
 
 def _by_attempt_and_worker(rows: Iterable[Sequence[Any]]) -> dict[Any, list[int]]:

@@ -87,8 +87,7 @@ class WorkerSettings:
         """The name this worker registers under: `name`, or f"{host}-{pid}-{4 hex digits}".
 
         The random part keeps apart the workers of containers that share the
-        host's name and all run as pid 1: two live workers of one name take the
-        name from each other at the broker, over and over, and their tasks use
-        up their attempts without running.
+        host's name and all run as pid 1: of two live workers of one name, the
+        broker would keep one and stop the other (name-taken).
         """
         return self.name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
